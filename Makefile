@@ -1,0 +1,50 @@
+# fusionops — `make demo` runs the whole pipeline on the demo data; `make test` runs the tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The venv is rebuilt only when pyproject.toml changes (the stamp carries its hash).
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+# Offline: no telemetry lookups, no hub downloads.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help install data demo test lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install fusionops with its dev tools
+
+data/raw/manifest.csv: | $(STAMP)
+	@# The raw data is the project's copy of the demo dataset, versioned by DVC (data/raw.dvc).
+	rm -rf data/raw && cp -r data/demo/emoji-v1 data/raw
+	$(BIN)/dvc add --quiet data/raw
+
+data: data/raw/manifest.csv ## put the demo dataset in data/raw (DVC-tracked)
+
+demo: install data ## run the Prefect flow training_pipeline on the demo data, end to end
+	$(BIN)/python flows/training_pipeline.py
+
+test: install ## run the test suite
+	$(BIN)/python -m pytest
+
+lint: install ## ruff
+	$(BIN)/ruff check src flows tests bench
+
+clean: ## remove pipeline outputs (keeps .venv, the feature cache and the MLflow store)
+	rm -rf data/prepared data/features models

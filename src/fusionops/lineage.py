@@ -1,0 +1,38 @@
+"""Where a model came from: the git commit and the DVC version of the data, read from files (no DVC import)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+
+def git_commit(root: Path) -> tuple[str | None, bool]:
+    """(commit sha, whether the work tree has uncommitted changes), or (None, False) outside a git repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return sha.stdout.strip(), bool(status.stdout.strip())
+
+
+def data_version(root: Path, data_dir: Path) -> str | None:
+    """The DVC hash of `data_dir`: from its .dvc file, else from the dvc.lock entry that depends on it."""
+    root = Path(root).resolve()
+    data_dir = Path(data_dir).resolve()
+    rel = data_dir.relative_to(root).as_posix() if data_dir.is_relative_to(root) else str(data_dir)
+    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    if dvc_file.is_file():
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+            if out.get("path") == data_dir.name:
+                return out.get("md5")
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        for stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
+            for dep in stage.get("deps", []):
+                if dep.get("path") == rel:
+                    return dep.get("md5")
+    return None

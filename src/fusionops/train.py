@@ -1,0 +1,161 @@
+"""The train stage: a fusion head on the cached vectors, plus the same head on each modality alone (ablations).
+
+Training returns the model and its history; it logs nothing to MLflow (registration is a later, separate step).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import TextColumn
+from sklearn.metrics import f1_score
+
+from fusionops.atomic import atomic_path
+from fusionops.config import TrainParams
+from fusionops.device import autocast_dtype, resolve_device
+from fusionops.errors import DataError
+from fusionops.features import FeatureSet
+from fusionops.models import create_head, save_model
+from fusionops.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+# The fused model and, for the ablation in evaluate, the same head trained on one modality.
+VARIANTS = {"fusion": ("image", "text"), "image_only": ("image",), "text_only": ("text",)}
+
+
+@dataclass
+class SplitData:
+    image: torch.Tensor
+    text: torch.Tensor
+    y: torch.Tensor
+    item_ids: list[str]
+
+
+def split_data(prepared: pd.DataFrame, features: FeatureSet, labels: list[str], split: str) -> SplitData:
+    """The rows of one split, as tensors aligned with the label indices."""
+    if features.item_ids != prepared["item_id"].tolist():
+        raise DataError("features do not match the prepared manifest (rows differ): run `fusionops features` again")
+    mask = (prepared["split"] == split).to_numpy()
+    index = {label: i for i, label in enumerate(labels)}
+    y = prepared.loc[mask, "label"].map(index)
+    if y.isna().any():
+        unknown = sorted(set(prepared.loc[mask, "label"][y.isna()]))
+        raise DataError(f"{split} split has labels never seen in training: {unknown}; run `fusionops validate`")
+    return SplitData(
+        image=torch.from_numpy(features.image[mask]),
+        text=torch.from_numpy(features.text[mask]),
+        y=torch.from_numpy(y.to_numpy(dtype=np.int64).copy()),
+        item_ids=prepared.loc[mask, "item_id"].tolist(),
+    )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, text: torch.Tensor, *,
+                   device: torch.device | str = "cpu", batch_size: int = 1024) -> torch.Tensor:
+    device = torch.device(device)
+    dtype = autocast_dtype(device) if device.type == "cuda" else None  # CPU heads are tiny: fp32 is exact and fast
+    model.eval()
+    out = []
+    for start in range(0, len(image), batch_size):
+        img = image[start:start + batch_size].to(device, non_blocking=True)
+        txt = text[start:start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(model(img, txt).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams, *,
+        modalities: tuple[str, ...], name: str = "fusion") -> tuple[torch.nn.Module, pd.DataFrame, dict]:
+    """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model."""
+    generator = seed_everything(params.seed)
+    device = resolve_device(params.device)
+    dtype = autocast_dtype(device) if device.type == "cuda" else None
+    model = create_head(params.head, image_dim=train.image.shape[1], text_dim=train.text.shape[1],
+                        num_classes=num_classes, proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
+                        dropout=params.dropout, modalities=modalities).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    best = {"epoch": 0, "val_macro_f1": -1.0, "state": None}
+    history = []
+    val_text = TextColumn("loss {task.fields[loss]:.3f}  val macro-F1 {task.fields[f1]:.3f}")
+    with progress_bar(val_text, unit=None) as bar:
+        task = bar.add_task(f"train {name}", total=params.max_epochs, loss=float("nan"), f1=float("nan"))
+        for epoch in range(1, params.max_epochs + 1):
+            model.train()
+            order = torch.randperm(len(train.y), generator=generator)
+            total = 0.0
+            for start in range(0, len(order), params.batch_size):
+                idx = order[start:start + params.batch_size]
+                img, txt, y = (t[idx].to(device, non_blocking=True) for t in (train.image, train.text, train.y))
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = loss_fn(model(img, txt), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(idx)
+            val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
+            f1 = f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0)
+            acc = float((val_pred == val.y.numpy()).mean())
+            history.append({"variant": name, "epoch": epoch, "train_loss": total / len(order),
+                            "val_accuracy": acc, "val_macro_f1": f1})
+            bar.update(task, advance=1, loss=total / len(order), f1=f1)
+            if f1 > best["val_macro_f1"]:
+                best = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc,
+                        "state": copy.deepcopy(model.state_dict())}
+            elif epoch - best["epoch"] >= params.patience:
+                break
+    model.load_state_dict(best.pop("state"))
+    log.info("%s: best epoch %d of %d, val macro-F1 %.4f", name, best["epoch"], epoch, best["val_macro_f1"])
+    return model.cpu().eval(), pd.DataFrame(history), best
+
+
+def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
+    """Train the fused head and the one-modality ablations; write them under params.out_dir."""
+    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
+    if len(labels) < 2:
+        raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
+    train_data = split_data(prepared, features, labels, "train")
+    val_data = split_data(prepared, features, labels, "val")
+    histories, summary = [], {}
+    for variant, modalities in VARIANTS.items():
+        model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant)
+        config = {
+            "head": params.head,
+            "head_kwargs": {"image_dim": train_data.image.shape[1], "text_dim": train_data.text.shape[1],
+                            "num_classes": len(labels), "proj_dim": params.proj_dim,
+                            "hidden_dim": params.hidden_dim, "dropout": params.dropout,
+                            "modalities": list(modalities)},
+            "labels": labels,
+            "encoders": features.encoders,
+            "best_epoch": best["epoch"],
+            "val_macro_f1": best["val_macro_f1"],
+            "val_accuracy": best["val_accuracy"],
+        }
+        save_model(model_dir(params.out_dir, variant), model, config)
+        histories.append(history)
+        summary[variant] = {k: v for k, v in best.items()}
+    with atomic_path(params.history) as tmp:
+        pd.concat(histories).to_csv(tmp, index=False)
+    return summary
+
+
+def model_dir(out_dir: Path, variant: str = "fusion") -> Path:
+    """models/fusion for the fused head, models/ablations/<variant> for the one-modality heads."""
+    return Path(out_dir) / ("fusion" if variant == "fusion" else f"ablations/{variant}")

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusionops.config import Params, ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_load_and_anchor_paths():
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.manifest == ROOT / "data/raw/manifest.csv"
+    assert params.registry.tracking_uri == f"sqlite:///{ROOT}/mlflow.db"
+
+
+def test_project_params_equal_the_defaults():
+    """params.yaml spells out every default: a value changed in one place only is a bug."""
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert Params.model_validate(written).model_dump() == Params().model_dump()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train: {lrr: 0.1}", "train.lrr"),
+    ("split: {train: 0.9, val: 0.2}", "must be < 1"),
+    ("features: {precision: fp8}", "features.precision"),
+    ("train: [1, 2", "not valid YAML"),
+])
+def test_bad_params_name_the_key(tmp_path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=needle.replace(".", r"\.")):
+        load_params(path)
+
+
+def test_missing_params_file_says_what_to_do(tmp_path):
+    with pytest.raises(ParamsError, match="--params"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_digest_depends_on_values_not_on_location(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "params.yaml").write_text("train: {lr: 0.01}\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "params.yaml").write_text("train: {lr: 0.02}\n")
+    a, b, c = (load_params(tmp_path / s / "params.yaml").digest() for s in "abc")
+    assert a == b != c

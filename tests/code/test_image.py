@@ -1,0 +1,115 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionops.config import ImageEncoderParams
+from fusionops.features.image import build_image_encoder, load_rgb, packaged_lite0_weights, rename_lite0_keys
+
+WHITE = (255, 255, 255)
+
+
+def test_packaged_weights_load_strictly_into_tf_efficientnet_lite0():
+    import timm
+
+    state = rename_lite0_keys(torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(state, strict=True)  # every tensor has a home and every parameter a tensor
+
+
+def test_pretrained_weights_recognise_a_photo(image_encoder):
+    """scikit-image's coffee photo is an espresso for the real ImageNet weights (random weights say anything)."""
+    import timm
+    from skimage import data
+
+    state = rename_lite0_keys(torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(state)
+    model.eval()
+    x = image_encoder.transform(Image.fromarray(data.coffee())).unsqueeze(0)
+    with torch.no_grad():
+        top = model(x).softmax(-1)[0].topk(1)
+    assert top.indices.item() == 967  # ImageNet 'espresso'
+    assert top.values.item() > 0.5
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def test_transparent_pixels_become_the_background():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    out = load_rgb(_png(rgba), WHITE)
+    assert out.mode == "RGB"
+    assert out.getpixel((1, 1)) == WHITE
+    assert out.getpixel((0, 0)) == (0, 0, 255)
+    assert load_rgb(_png(rgba), (0, 0, 0)).getpixel((1, 1)) == (0, 0, 0)
+
+
+def test_palette_with_transparency_is_composited(demo_dir):
+    path = demo_dir / "images/twitter/1f600.png"
+    with Image.open(path) as img:
+        assert img.mode == "P" and "transparency" in img.info
+    corner = load_rgb(path, WHITE).getpixel((0, 0))
+    assert corner == WHITE
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.new("L", (5, 3), 128),
+    lambda: Image.new("LA", (5, 3), (128, 0)),
+    lambda: Image.new("I;16", (5, 3), 40000),
+    lambda: Image.new("CMYK", (5, 3), (0, 255, 255, 0)),
+    lambda: Image.new("1", (5, 3), 1),
+    lambda: Image.new("RGB", (1, 1), (1, 2, 3)),
+], ids=["L", "LA", "I;16", "CMYK", "1-bit", "1x1"])
+def test_every_mode_becomes_rgb(make):
+    img = make()
+    fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+    out = load_rgb(_png(img, format=fmt), WHITE)
+    assert out.mode == "RGB" and out.size == img.size
+
+
+def test_16bit_grayscale_keeps_its_tones():
+    out = load_rgb(_png(Image.new("I;16", (2, 2), 32768)), WHITE)
+    assert out.getpixel((0, 0)) == (128, 128, 128)  # scaled to 8 bits, not clipped to white
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (6, 2), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = load_rgb(_png(img, format="JPEG", exif=exif.tobytes()), WHITE)
+    assert out.size == (2, 6)
+
+
+def test_encoder_id_tracks_preprocessing(image_encoder):
+    other = build_image_encoder(ImageEncoderParams(image_size=160))
+    assert other.id != image_encoder.id
+    assert build_image_encoder(ImageEncoderParams()).id == image_encoder.id
+    assert image_encoder.id.startswith("tf_efficientnet_lite0-")
+
+
+def test_bf16_vectors_stay_close_to_fp32(image_encoder, demo_dir):
+    from fusionops.features.extract import iter_image_vectors
+
+    paths = sorted((demo_dir / "images/google").glob("1f6*.png"))[:16]
+    kw = dict(batch_size=8, num_workers=0, device=torch.device("cpu"))
+    fp32 = np.concatenate(list(iter_image_vectors(image_encoder, paths, dtype=None, **kw)))
+    bf16 = np.concatenate(list(iter_image_vectors(image_encoder, paths, dtype=torch.bfloat16, **kw)))
+    cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert fp32.shape == (16, image_encoder.dim)
+    assert cos.mean() > 0.99 and cos.min() > 0.97
+
+
+def test_missing_weights_file_says_what_to_provide(tmp_path):
+    from fusionops.errors import UserError
+
+    with pytest.raises(UserError, match="not found: set features.image.weights"):
+        build_image_encoder(ImageEncoderParams(weights=str(tmp_path / "none.pth")))
+    with pytest.raises(UserError, match="local state-dict file"):
+        build_image_encoder(ImageEncoderParams(backbone="resnet18"))
