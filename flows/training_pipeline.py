@@ -18,6 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 STAGES = ("prepare", "validate", "features", "train", "evaluate")
+# DVC's advice for people at a terminal (git add ..., dvc push) is noise in a run log: the flow handles both.
+_DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
+              "Use `dvc push`")
 
 
 class StageFailed(RuntimeError):
@@ -56,9 +59,9 @@ def run_stage(name: str, project_dir: Path) -> str:
     lines = []
     for line in proc.stdout:
         line = line.rstrip()
-        if line and "━" not in line:  # progress bars are for terminals, not for the run log
+        lines.append(line)
+        if line.strip() and not any(hint in line for hint in _DVC_HINTS):
             logger.info(line)
-            lines.append(line)
     if proc.wait() != 0:
         raise StageFailed(f"stage {name} failed (exit {proc.returncode}):\n" + "\n".join(lines[-40:]))
     skipped = any("didn't change, skipping" in line for line in lines)
@@ -93,7 +96,7 @@ def _report(project_dir: Path, stages: dict[str, str], registered: dict) -> tupl
 |---|---|---|
 {table}
 
-Registered **{registered['name']}** version **{registered['version']}** with alias(es) {', '.join(registered['aliases'])}.
+Registered **{registered['name']}** version **{registered['version']}**, alias(es): {', '.join(registered['aliases'])}.
 Data version (DVC): `{data_version(project_dir, params.data.images_root)}`; label column `{params.data.label_column}`.
 
 Stages:
@@ -122,15 +125,25 @@ def _summary(project_dir: Path, result: dict) -> str:
     params = load_params(project_dir / "params.yaml")
     test, reg = result["metrics"]["test"], result["registered"]
     uri = tracking_uri(params)
-    rel = lambda p: os.path.relpath(p, project_dir)  # noqa: E731
-    return f"""
-fusionops demo: done
-  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} ({test['items']} test items, label '{params.data.label_column}')
-  registered    {reg['name']} version {reg['version']} ({', '.join(reg['aliases'])}) -> models:/{reg['name']}@{reg['aliases'][-1]}
-  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, {rel(params.validate_.report)}
-  plots         {rel(params.evaluate.confusion_matrix)}, {rel(params.train.history)}  (or: dvc plots show)
-  MLflow UI     {rel(Path(sys.executable).parent / 'mlflow')} ui --backend-store-uri {uri} --port 5000
-"""
+
+    def rel(path: Path) -> str:
+        return os.path.relpath(path, project_dir)
+
+    mlflow_bin = rel(Path(sys.executable).parent / "mlflow")
+    ui = uri if uri.startswith("http") else f"{mlflow_bin} ui --backend-store-uri {uri} --port 5000"
+    return "\n".join([
+        "",
+        "fusionops training_pipeline: done",
+        f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} "
+        f"({test['items']} test items, label '{params.data.label_column}')",
+        f"  registered    {reg['name']} version {reg['version']} ({', '.join(reg['aliases'])}): "
+        f"models:/{reg['name']}/{reg['version']}",
+        f"  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, "
+        f"{rel(params.validate_.report)}",
+        f"  plots         {rel(params.evaluate.confusion_matrix)}, {rel(params.train.history)} (dvc plots show)",
+        f"  MLflow UI     {ui}",
+        "",
+    ])
 
 
 if __name__ == "__main__":

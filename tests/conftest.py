@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,9 +23,7 @@ os.environ.update({
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo" / "emoji-v1"
-SLICE_CATEGORIES = ("Animals & Nature", "Food & Drink", "Travel & Places", "Flags")
+from helpers import DEMO, take_slice, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -37,25 +34,6 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_manifest() -> pd.DataFrame:
     return pd.read_csv(DEMO / "manifest.csv", dtype=str, keep_default_na=False)
-
-
-def take_slice(manifest: pd.DataFrame, groups_per_label: int, *, skip_groups: int = 0) -> pd.DataFrame:
-    """Both drawings of the first `groups_per_label` emoji (after `skip_groups`) of each slice category."""
-    parts = []
-    for category in SLICE_CATEGORIES:
-        rows = manifest[manifest["category"] == category]
-        groups = rows["emoji_id"].drop_duplicates().iloc[skip_groups:skip_groups + groups_per_label]
-        parts.append(rows[rows["emoji_id"].isin(groups)])
-    return pd.concat(parts, ignore_index=True)
-
-
-def write_dataset(rows: pd.DataFrame, folder: Path) -> Path:
-    """A dataset folder like data/raw: manifest.csv plus the images it names (copied from the demo)."""
-    for rel in rows["image"]:
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(DEMO / rel, folder / rel)
-    rows.to_csv(folder / "manifest.csv", index=False)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +65,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def slice_prepared(slice_dir):
+    """The slice through prepare (stable grouped split)."""
+    from fusionops.config import DataParams, SplitParams
+    from fusionops.data.manifest import read_manifest
+    from fusionops.data.prepare import prepare_manifest
+
+    return prepare_manifest(read_manifest(slice_dir / "manifest.csv"), DataParams(), SplitParams())
+
+
+@pytest.fixture(scope="session")
+def slice_features(slice_dir, slice_prepared, tmp_path_factory):
+    """Real vectors of the slice (both encoders), aligned with slice_prepared."""
+    from fusionops.config import FeaturesParams
+    from fusionops.features import extract_features, load_features
+
+    root = tmp_path_factory.mktemp("slice-features")
+    params = FeaturesParams(out_dir=root / "out", cache_dir=root / "cache", num_workers=0)
+    extract_features(slice_prepared, slice_dir, params)
+    return load_features(params.out_dir)

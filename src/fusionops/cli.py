@@ -66,7 +66,8 @@ def prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
 @app.command()
 def validate(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Check the prepared manifest (Great Expectations suite) and every image; exit 2 naming each bad row."""
-    from fusionops.validation import validate as run, write_report
+    from fusionops.validation import validate as run
+    from fusionops.validation import write_report
 
     params = load_params(params_path)
     report = run(_prepared(params), params.data.images_root,

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from fusionops.errors import UserError
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -148,7 +150,7 @@ class Params(Section):
         return self._digest
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """params.yaml is missing, unreadable, or holds an unknown key or a bad value."""
 
 

@@ -19,7 +19,7 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
         "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
-        "items": int(len(y_true)),
+        "items": len(y_true),
     }
 
 

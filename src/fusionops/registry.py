@@ -88,7 +88,7 @@ def current_alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
@@ -135,14 +135,15 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         raise
     client.set_terminated(run_id, status="FINISHED")
 
+    number = str(model_version.version)
     aliases = [CHALLENGER]
-    client.set_registered_model_alias(name, CHALLENGER, model_version.version)
+    client.set_registered_model_alias(name, CHALLENGER, number)
     if current_alias_version(client, name, CHAMPION) is None:
-        client.set_registered_model_alias(name, CHAMPION, model_version.version)
+        client.set_registered_model_alias(name, CHAMPION, number)
         aliases.append(CHAMPION)
-    log.info("registered %s version %s (%s)", name, model_version.version, ", ".join(aliases))
-    return {"name": name, "version": model_version.version, "run_id": run_id, "aliases": aliases,
-            "model_uri": f"models:/{name}/{model_version.version}", "tracking_uri": uri}
+    log.info("registered %s version %s (%s)", name, number, ", ".join(aliases))
+    return {"name": name, "version": number, "run_id": run_id, "aliases": aliases,
+            "model_uri": f"models:/{name}/{number}", "tracking_uri": uri}
 
 
 def load_pyfunc(model_uri: str, params: Params):

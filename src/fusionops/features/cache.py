@@ -7,6 +7,7 @@ a unique name, so a killed run keeps its finished shards and concurrent writers 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -49,12 +50,17 @@ class VectorCache:
                 with np.load(shard, allow_pickle=False) as z:
                     keys, vectors = z["keys"], z["vectors"]
             except Exception as err:  # a damaged shard costs a recompute, never a wrong vector
-                log.warning("ignoring unreadable cache shard %s (%s); its items will be recomputed", shard, err)
+                log.warning("cache shard %s is unreadable (%s): set aside as .damaged, its items are recomputed",
+                            shard, err)
+                # Shards appear only by atomic rename, so an unreadable one was damaged after it was written.
+                with contextlib.suppress(OSError):  # another process may have set it aside first
+                    shard.replace(shard.with_name(shard.name + ".damaged"))
                 continue
             if vectors.shape[1:] != (self.dim,):
-                log.warning("ignoring cache shard %s: vectors of shape %s, expected dim %d", shard, vectors.shape, self.dim)
+                log.warning("ignoring cache shard %s: vectors of shape %s, expected dim %d",
+                            shard, vectors.shape, self.dim)
                 continue
-            self._vectors.update(zip(keys.tolist(), vectors))
+            self._vectors.update(zip(keys.tolist(), vectors, strict=True))
             self._loaded.add(shard.name)
 
     def missing(self, keys: list[str]) -> list[str]:
@@ -68,10 +74,9 @@ class VectorCache:
         if len(keys) != len(vectors) or vectors.shape[1:] != (self.dim,):
             raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape} (dim {self.dim})")
         name = f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
-        with atomic_path(self.dir / name) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=np.asarray(keys, dtype="U64"), vectors=vectors)
-        self._vectors.update(zip(keys, vectors))
+        with atomic_path(self.dir / name) as tmp, open(tmp, "wb") as f:
+            np.savez(f, keys=np.asarray(keys, dtype="U64"), vectors=vectors)
+        self._vectors.update(zip(keys, vectors, strict=True))
         self._loaded.add(name)
 
     def get(self, keys: list[str]) -> np.ndarray:

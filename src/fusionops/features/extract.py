@@ -66,7 +66,7 @@ class FeatureSet:
 def _cached_images(keys: list[str], paths: list[Path], encoder: ImageEncoder, params: FeaturesParams,
                    device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
     cache = VectorCache(params.cache_dir, encoder.id, dim=encoder.dim)
-    first_path = dict(zip(reversed(keys), reversed(paths)))
+    first_path = dict(zip(reversed(keys), reversed(paths), strict=True))  # first row wins
     todo = cache.missing(keys)
     if todo:
         with progress_bar(unit="img") as bar:
@@ -87,7 +87,7 @@ def _cached_texts(texts: list[str], encoder: TextEncoder, params: FeaturesParams
                   device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
     cache = VectorCache(params.cache_dir, encoder.id, dim=encoder.dim)
     keys = [content_key(t) for t in texts]
-    by_key = dict(zip(keys, texts))
+    by_key = dict(zip(keys, texts, strict=True))
     todo = cache.missing(keys)
     if todo:
         with progress_bar(unit="texts") as bar:

@@ -1,55 +1,6 @@
-"""Fusion heads behind one registry, and saving/loading a trained head (safetensors + JSON, nothing pickled)."""
+"""Fusion heads: build one by name (train.head in params.yaml), save and load it."""
 
-from __future__ import annotations
+from fusionops.models import heads  # noqa: F401  (registers the built-in heads)
+from fusionops.models.core import HEADS, create_head, load_model, register_head, save_model
 
-import json
-from collections.abc import Callable
-from pathlib import Path
-
-import torch
-
-from fusionops.atomic import atomic_path, write_json
-from fusionops.errors import UserError
-
-_HEADS: dict[str, Callable[..., torch.nn.Module]] = {}
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-def register_head(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
-    """Make a head buildable by name from params.yaml (train.head)."""
-    _HEADS[fn.__name__] = fn
-    return fn
-
-
-def create_head(name: str, **kwargs) -> torch.nn.Module:
-    if name not in _HEADS:
-        raise UserError(f"unknown head {name!r} in train.head; known heads: {', '.join(sorted(_HEADS))}")
-    return _HEADS[name](**kwargs)
-
-
-def save_model(folder: Path, model: torch.nn.Module, config: dict) -> None:
-    """Write the head's weights and everything needed to rebuild it (head name, kwargs, labels, encoders)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(folder / CONFIG_FILE, config)
-
-
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a saved head in eval mode; weights come from safetensors, so loading runs no code from the file."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"{folder} holds no trained model ({CONFIG_FILE} missing): run `fusionops train` first")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    model = create_head(config["head"], **config["head_kwargs"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
-    return model.to(device).eval(), config
-
-
-from fusionops.models import heads as _heads  # noqa: E402,F401  (registers the built-in heads)
+__all__ = ["HEADS", "create_head", "load_model", "register_head", "save_model"]

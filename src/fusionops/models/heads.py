@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusionops.models import register_head
+from fusionops.models.core import register_head
 
 MODALITIES = ("image", "text")
 

@@ -1,0 +1,3 @@
+from fusionops.cli import main
+
+main()

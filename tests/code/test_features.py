@@ -1,0 +1,82 @@
+"""The features stage with the real encoders on real images: cache behaviour and alignment."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fusionops.config import FeaturesParams, ImageEncoderParams
+from fusionops.data.manifest import read_manifest
+from fusionops.features import extract_features, load_features
+
+
+@pytest.fixture()
+def params(tmp_path):
+    return FeaturesParams(out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", num_workers=0, shard_size=16)
+
+
+def test_second_run_computes_nothing_and_new_items_cost_only_themselves(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv")
+    first, rest = df.iloc[:60], df
+    stats = extract_features(first, slice_dir, params)
+    assert stats["image"]["computed"] == first["image"].nunique()
+    assert stats["text"]["computed"] == first["text"].nunique()
+    vectors_first = load_features(params.out_dir)
+
+    again = extract_features(first, slice_dir, params)
+    assert again["image"]["computed"] == 0 and again["text"]["computed"] == 0
+    np.testing.assert_array_equal(load_features(params.out_dir).image, vectors_first.image)
+
+    grown = extract_features(rest, slice_dir, params)
+    assert grown["image"]["computed"] == len(rest) - len(first)
+    assert grown["text"]["computed"] == rest["text"].nunique() - first["text"].nunique()
+    fs = load_features(params.out_dir)
+    assert fs.item_ids == rest["item_id"].tolist()
+    assert fs.image.shape == (len(rest), 1280) and fs.text.shape == (len(rest), 384)
+    np.testing.assert_allclose(np.linalg.norm(fs.text, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(fs.image[:60], vectors_first.image)
+
+
+def test_vectors_follow_content_not_row(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:20]
+    extract_features(df, slice_dir, params)
+    forward = load_features(params.out_dir)
+    extract_features(df.iloc[::-1].reset_index(drop=True), slice_dir, params)
+    backward = load_features(params.out_dir)
+    np.testing.assert_array_equal(forward.image, backward.image[::-1])
+    np.testing.assert_array_equal(forward.text, backward.text[::-1])
+
+
+def test_other_preprocessing_gets_its_own_key_space(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:8]
+    extract_features(df, slice_dir, params)
+    other = params.model_copy(update={"image": ImageEncoderParams(image_size=96)})
+    stats = extract_features(df, slice_dir, other)
+    assert stats["image"]["computed"] == 8 and stats["text"]["computed"] == 0
+    assert len(list(params.cache_dir.glob("*/encoder.json"))) == 3  # two image key spaces, one text
+
+
+def test_damaged_shard_is_recomputed_not_trusted(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:8]
+    extract_features(df, slice_dir, params)
+    good = load_features(params.out_dir).image
+    image_space = next(p.parent for p in params.cache_dir.glob("tf_efficientnet*/encoder.json"))
+    for shard in image_space.glob("shard-*.npz"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    stats = extract_features(df, slice_dir, params)
+    assert stats["image"]["computed"] == 8
+    assert len(list(image_space.glob("*.damaged"))) == 1  # set aside, not deleted and not read again
+    np.testing.assert_allclose(load_features(params.out_dir).image, good, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_are_written_whole(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:4]
+    extract_features(df, slice_dir, params)
+    leftovers = [p.name for p in params.out_dir.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert sorted(p.name for p in params.out_dir.iterdir()) == ["image.npy", "meta.json", "text.npy"]
+
+
+def test_texts_embed_with_meaning(text_encoder):
+    v = text_encoder.encode(["red apple", "green apple", "police car"])
+    assert v[0] @ v[1] > v[0] @ v[2]
+    assert pd.Series(np.linalg.norm(v, axis=1)).round(5).eq(1).all()

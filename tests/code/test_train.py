@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from fusionops.config import TrainParams
+from fusionops.errors import UserError
+from fusionops.models import HEADS, create_head, load_model, save_model
+from fusionops.train import VARIANTS, fit, predict_logits, split_data, train
+
+FAST = TrainParams(max_epochs=40, patience=8, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def splits(slice_prepared, slice_features):
+    labels = sorted(slice_prepared.loc[slice_prepared["split"] == "train", "label"].unique())
+    return labels, *(split_data(slice_prepared, slice_features, labels, s) for s in ("train", "val", "test"))
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("modalities", list(VARIANTS.values()))
+def test_every_head_keeps_the_contract(name, modalities):
+    head = create_head(name, image_dim=12, text_dim=5, num_classes=3, modalities=modalities).eval()
+    img, txt = torch.randn(4, 12), torch.randn(4, 5)
+    z = head.forward_features(img, txt)
+    assert z.shape[0] == 4 and head.forward_head(z).shape == (4, 3)
+    assert torch.equal(head(img, txt), head.forward_head(z))
+    if modalities == ("image",):  # a one-modality head must not look at the other modality at all
+        assert torch.equal(head(img, txt), head(img, torch.randn(4, 5)))
+
+
+def test_unknown_head_lists_the_known_ones():
+    with pytest.raises(UserError, match="known heads: concat"):
+        create_head("nope", image_dim=1, text_dim=1, num_classes=2)
+
+
+def test_training_learns_and_is_deterministic(splits):
+    labels, tr, va, te = splits
+    model_a, history_a, best_a = fit(tr, va, len(labels), FAST, modalities=("image", "text"))
+    model_b, history_b, best_b = fit(tr, va, len(labels), FAST, modalities=("image", "text"))
+    assert history_a.equals(history_b)
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    accuracy = (predict_logits(model_a, te.image, te.text).argmax(1) == te.y).float().mean().item()
+    assert accuracy > 2 / len(labels)  # 4 classes: chance is 0.25
+    assert best_a["val_macro_f1"] == history_a["val_macro_f1"].max()
+    assert len(history_a) <= best_a["epoch"] + FAST.patience  # early stopping stopped
+
+
+def test_saved_model_predicts_the_same(tmp_path, splits):
+    labels, tr, va, te = splits
+    model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 3}), modalities=("image", "text"))
+    config = {"head": "concat", "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
+                                                "num_classes": len(labels), "modalities": ["image", "text"]}}
+    save_model(tmp_path, model, config)
+    loaded, loaded_config = load_model(tmp_path)
+    assert loaded_config == config
+    assert torch.equal(predict_logits(model, te.image, te.text), predict_logits(loaded, te.image, te.text))
+    assert (tmp_path / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors header, not a pickle
+
+
+def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice_features):
+    params = FAST.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history.csv",
+                                     "max_epochs": 5})
+    summary = train(slice_prepared, slice_features, params)
+    assert set(summary) == set(VARIANTS)
+    for folder in ("fusion", "ablations/image_only", "ablations/text_only"):
+        _, config = load_model(tmp_path / "models" / folder)
+        assert config["encoders"] == slice_features.encoders
+    _, image_only = load_model(tmp_path / "models/ablations/image_only")
+    assert image_only["head_kwargs"]["modalities"] == ["image"]
+    history = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+    assert set(history["variant"]) == set(VARIANTS)

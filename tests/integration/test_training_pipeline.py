@@ -1,0 +1,171 @@
+"""The real flow on a slice: DVC in a temporary git repository, a real Prefect server, a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAME = "fusionops-test"
+
+
+def sh(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def load_flow_module():
+    spec = importlib.util.spec_from_file_location("training_pipeline", ROOT / "flows/training_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, slice_dir):
+    """A git + DVC project like a fresh clone after `make data`, holding the slice as data/raw."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copyfile(ROOT / name, root / name)
+    shutil.copytree(ROOT / "src/fusionops", root / "src/fusionops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(slice_dir, root / "data/raw")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(max_epochs=30, patience=5)
+    params["registry"]["model_name"] = MODEL_NAME
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
+    sh(sys.executable, "-m", "dvc", "add", "-q", "data/raw", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "data v1", cwd=root)
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield root
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def flow_module():
+    return load_flow_module()
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, project, flow_module):
+    return flow_module.training_pipeline(project_dir=project)
+
+
+@pytest.fixture(scope="module")
+def second_run(first_run, project, flow_module):
+    return flow_module.training_pipeline(project_dir=project)
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_flow_runs_every_stage_and_reports(first_run, project):
+    assert first_run["stages"] == {s: "ran" for s in ("prepare", "validate", "features", "train", "evaluate")}
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics == first_run["metrics"]
+    assert set(metrics["ablation"]) == {"image_only", "text_only"}
+    for block in (metrics["test"], *metrics["ablation"].values()):
+        assert 0 <= block["macro_f1"] <= block["accuracy"] + 0.5 and block["items"] > 0
+    assert metrics["test"]["accuracy"] > 0.5  # 4 classes: chance is 0.25
+    assert (project / "reports/plots/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((project / "reports/validation.json").read_text())["success"] is True
+
+
+def test_dvc_agrees_after_the_flow(first_run, project):
+    assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+    repro = sh(sys.executable, "-m", "dvc", "repro", cwd=project)
+    assert "Running stage" not in repro and "Data and pipelines are up to date" in repro
+
+
+def test_first_version_is_champion_with_lineage(first_run, project):
+    registered = first_run["registered"]
+    assert registered["version"] == "1" and registered["aliases"] == ["challenger", "champion"]
+    c = client()
+    champion = c.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == "1"
+    raw_md5 = yaml.safe_load((project / "data/raw.dvc").read_text())["outs"][0]["md5"]
+    head = sh("git", "rev-parse", "HEAD", cwd=project).strip()
+    assert champion.tags["data_version"] == raw_md5
+    assert champion.tags["git_commit"] == head
+    run = c.get_run(registered["run_id"])
+    assert run.data.tags["data_version"] == raw_md5
+    assert run.data.metrics["test.accuracy"] == first_run["metrics"]["test"]["accuracy"]
+    assert run.data.params["data.label_column"] == "category"
+    logged = {a.path for a in c.list_artifacts(registered["run_id"], "reports")}
+    assert {"reports/metrics.json", "reports/validation.json", "reports/dvc.lock"} <= logged
+
+
+def test_flow_publishes_a_markdown_report(first_run):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts()
+    reports = [a.data for a in artifacts if a.key == "training-report"]
+    first = [r for r in reports if "version **1**" in r]
+    assert first and "| fusion |" in first[0] and "Data version (DVC)" in first[0]
+
+
+def test_second_run_skips_stages_and_keeps_the_champion(second_run):
+    assert set(second_run["stages"].values()) == {"skipped (up to date)"}
+    assert second_run["registered"]["version"] == "2"
+    assert second_run["registered"]["aliases"] == ["challenger"]
+    c = client()
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
+
+
+def test_predict_with_the_champion_on_unseen_items(first_run, project, demo_manifest, tmp_path):
+    from helpers import take_slice, write_dataset
+
+    unseen = take_slice(demo_manifest, 3, skip_groups=40)
+    seen = set(pd.read_csv(project / "data/raw/manifest.csv")["item_id"])
+    assert not set(unseen["item_id"]) & seen
+    folder = write_dataset(unseen, tmp_path / "unseen")
+    out = tmp_path / "predictions.csv"
+    sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", f"models:/{MODEL_NAME}@champion",
+       "--manifest", str(folder / "manifest.csv"), "--images-root", str(folder), "--out", str(out), cwd=project)
+    predictions = pd.read_csv(out)
+    assert list(predictions.columns) == ["item_id", "prediction", "confidence"]
+    assert predictions["item_id"].tolist() == unseen["item_id"].tolist()
+    assert set(predictions["prediction"]) <= set(unseen["category"]) | set(pd.read_csv(
+        project / "data/prepared/manifest.csv")["label"])
+    assert predictions["confidence"].between(0, 1).all()
+    assert (predictions["prediction"] == unseen["category"].to_numpy()).mean() > 0.5
+
+
+def test_served_model_agrees_with_evaluate(first_run, project, tmp_path):
+    """The pyfunc (images decoded again, encoders rebuilt) predicts what evaluate predicted from cached vectors."""
+    prepared = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str)
+    test = prepared[prepared["split"] == "test"]
+    manifest = tmp_path / "test.csv"
+    test.to_csv(manifest, index=False)
+    out = tmp_path / "out.csv"
+    sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", f"models:/{MODEL_NAME}/1",
+       "--manifest", str(manifest), "--images-root", str(project / "data/raw"), "--out", str(out), cwd=project)
+    served = pd.read_csv(out).set_index("item_id")["prediction"]
+    evaluated = pd.read_csv(project / "reports/predictions.csv").set_index("item_id")["predicted"]
+    assert (served.loc[evaluated.index] == evaluated).mean() >= 0.95
