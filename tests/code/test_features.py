@@ -80,3 +80,13 @@ def test_texts_embed_with_meaning(text_encoder):
     v = text_encoder.encode(["red apple", "green apple", "police car"])
     assert v[0] @ v[1] > v[0] @ v[2]
     assert pd.Series(np.linalg.norm(v, axis=1)).round(5).eq(1).all()
+
+
+def test_unreadable_image_names_the_row(slice_dir, params, tmp_path):
+    from fusionops.errors import DataError
+
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:3].copy()
+    df.loc[1, "image"] = "images/none.png"
+    with pytest.raises(DataError, match=f"row '{df.loc[1, 'item_id']}': cannot read image"):
+        extract_features(df, slice_dir, params)
+    assert not params.out_dir.exists()  # nothing half-written

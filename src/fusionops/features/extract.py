@@ -16,6 +16,7 @@ import torch
 from fusionops.atomic import atomic_path, write_json
 from fusionops.config import FeaturesParams
 from fusionops.device import autocast_dtype, resolve_device
+from fusionops.errors import DataError
 from fusionops.features.cache import VectorCache, content_key
 from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
 from fusionops.features.text import TextEncoder, build_text_encoder
@@ -100,6 +101,14 @@ def _cached_texts(texts: list[str], encoder: TextEncoder, params: FeaturesParams
     return cache.get(keys), len(todo)
 
 
+def _read(path: Path, item_id: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        reason = f"cannot read image {path} ({err.strerror})"
+        raise DataError(f"row {item_id!r}: {reason}; run `fusionops validate` to list every such row") from None
+
+
 def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams) -> dict:
     """Write vectors for every row of `df` to params.out_dir, computing only what the cache lacks.
 
@@ -112,7 +121,7 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     stats: dict = {"device": device.type, "precision": str(dtype).removeprefix("torch.") if dtype else "fp32"}
 
     t0 = time.perf_counter()
-    image_keys = [content_key(p.read_bytes()) for p in paths]
+    image_keys = [content_key(_read(path, item_id)) for path, item_id in zip(paths, df["item_id"], strict=True)]
     image_encoder = build_image_encoder(params.image)
     image, computed = _cached_images(image_keys, paths, image_encoder, params, device, dtype)
     stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(image_keys)) - computed,
