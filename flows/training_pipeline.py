@@ -1,4 +1,4 @@
-"""Prefect flow: reproduce the DVC stages, then register the model in MLflow.
+"""Prefect flow: reproduce the DVC stages, then register the model in MLflow and run the promotion gate.
 
 DVC decides what runs (dvc.lock stays the single truth: after this flow `dvc status` is clean); Prefect adds the
 orchestration around it: one task per stage with its logs, retries where a retry can help, a run report artifact.
@@ -17,10 +17,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-STAGES = ("prepare", "validate", "features", "train", "evaluate")
 # DVC's advice for people at a terminal (git add ..., dvc push) is noise in a run log: the flow handles both.
 _DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
               "Use `dvc push`")
+
+
+def dvc_stages(project_dir: Path) -> list[str]:
+    """The stage names in dvc.yaml's order: dvc.yaml stays the one list of stages."""
+    import yaml
+
+    return list(yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"])
 
 
 class StageFailed(RuntimeError):
@@ -78,14 +84,20 @@ def register(project_dir: Path) -> dict:
     return register_trained_model(params, project_dir)
 
 
-def _report(project_dir: Path, stages: dict[str, str], registered: dict) -> tuple[str, dict]:
-    import json
+@task(retries=2, retry_delay_seconds=[5, 20])
+def promote(project_dir: Path) -> dict:
+    """The promotion gate: champion moves to the new version only if it is significantly better."""
+    from fusionops.config import load_params
+    from fusionops.registry import promote as run
 
+    return run(load_params(project_dir / "params.yaml"))
+
+
+def _report(project_dir: Path, metrics: dict, stages: dict[str, str], registered: dict, gate: dict) -> str:
     from fusionops.config import load_params
     from fusionops.lineage import data_version
 
     params = load_params(project_dir / "params.yaml")
-    metrics = json.loads(Path(params.evaluate.metrics).read_text())
     test, ablation = metrics["test"], metrics["ablation"]
     rows = [("fusion", test)] + [(k.replace("_", " "), v) for k, v in ablation.items()]
     table = "\n".join(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" for name, m in rows)
@@ -96,26 +108,37 @@ def _report(project_dir: Path, stages: dict[str, str], registered: dict) -> tupl
 |---|---|---|
 {table}
 
-Registered **{registered['name']}** version **{registered['version']}**, alias(es): {', '.join(registered['aliases'])}.
+Model: **{registered['name']}** version **{registered['version']}** ({_registered(registered)}).
+Promotion gate: **{gate['decision']}** (champion: version {gate['champion']}). {gate['reason']}.
 Data version (DVC): `{data_version(project_dir, params.data.images_root)}`; label column `{params.data.label_column}`.
 
 Stages:
 {stage_lines}
 """
-    return markdown, metrics
+    return markdown
+
+
+def _registered(reg: dict) -> str:
+    return ", ".join(reg["aliases"]) if reg["new"] else "already registered: same weights"
 
 
 @flow(name="training_pipeline", log_prints=True)
 def training_pipeline(project_dir: Path = Path(".")) -> dict:
-    """prepare -> validate -> features -> train -> evaluate (DVC stages), then register in MLflow."""
+    """prepare -> validate -> features -> train -> evaluate (DVC stages), then register and promote in MLflow."""
+    import json
+
+    from fusionops.config import load_params
+
     project_dir = Path(project_dir).resolve()
     stages = {}
-    for name in STAGES:
+    for name in dvc_stages(project_dir):
         stages[name] = run_stage.with_options(name=f"stage-{name}")(name, project_dir)
     registered = register(project_dir)
-    markdown, metrics = _report(project_dir, stages, registered)
-    create_markdown_artifact(markdown, key="training-report", description="metrics, registered version, data")
-    return {"metrics": metrics, "registered": registered, "stages": stages}
+    gate = promote(project_dir)
+    metrics = json.loads(load_params(project_dir / "params.yaml").evaluate.metrics.read_text())
+    markdown = _report(project_dir, metrics, stages, registered, gate)
+    create_markdown_artifact(markdown, key="training-report", description="metrics, registered version, gate, data")
+    return {"metrics": metrics, "registered": registered, "promotion": gate, "stages": stages}
 
 
 def _summary(project_dir: Path, result: dict) -> str:
@@ -136,8 +159,8 @@ def _summary(project_dir: Path, result: dict) -> str:
         "fusionops training_pipeline: done",
         f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} "
         f"({test['items']} test items, label '{params.data.label_column}')",
-        f"  registered    {reg['name']} version {reg['version']} ({', '.join(reg['aliases'])}): "
-        f"models:/{reg['name']}/{reg['version']}",
+        f"  model         models:/{reg['name']}/{reg['version']} ({_registered(reg)})",
+        f"  gate          {result['promotion']['decision']}; champion is version {result['promotion']['champion']}",
         f"  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, "
         f"{rel(params.validate_.report)}",
         f"  plots         {rel(params.evaluate.confusion_matrix)}, {rel(params.train.history)} (dvc plots show)",

@@ -1,3 +1,8 @@
-from importlib.metadata import version as _v
+"""fusionops: train, evaluate, register and retrain image+text classifiers."""
 
-__version__ = _v("fusionops")
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fusionops")
+except PackageNotFoundError:  # the copy bundled inside a logged MLflow model is not pip-installed
+    __version__ = "unknown"

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from fusionops.config import Params, load_params
 from fusionops.errors import DataError, UserError
@@ -128,38 +129,60 @@ def register(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def promote(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Move alias champion to the challenger if it is significantly better on the frozen test set."""
+    from fusionops.registry import promote as run
+
+    params = load_params(params_path)
+    result = run(params)
+    out.print(f"{result['name']}: {result['decision']} (champion is version {result['champion']}): {result['reason']}")
+    if "gate" in result:
+        out.print(f"report: {_rel(params.promote.report)}")
+
+
+@app.command()
+def rollback(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Move alias champion back to the previous champion."""
+    from fusionops.registry import rollback as run
+
+    result = run(load_params(params_path))
+    out.print(f"{result['name']}: {result['reason']}")
+
+
+@app.command()
 def predict(
     model: Annotated[str, typer.Option(help="MLflow model URI, e.g. models:/fusionops-emoji@champion")],
     manifest: Annotated[Path, typer.Option(help="CSV or Parquet with id, image path and text columns")],
     images_root: Annotated[Path, typer.Option(help="folder the manifest's image paths are relative to")],
     out_path: Annotated[Path, typer.Option("--out", help="CSV to write: item_id,prediction,confidence")],
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: Annotated[Path | None, typer.Option(
+        "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
+    )] = None,
 ) -> None:
     """Predict every row of a manifest with a registered model."""
     import pandas as pd
 
     from fusionops.atomic import atomic_path
-    from fusionops.data.manifest import read_manifest
+    from fusionops.data.manifest import read_manifest, to_canonical
     from fusionops.registry import load_pyfunc
-    from fusionops.validation import check_image
+    from fusionops.validation import check_images
 
-    params = load_params(params_path) if Path(params_path).is_file() else Params()
-    data = params.data
-    df = read_manifest(manifest)
-    missing = [c for c in (data.id_column, data.image_column, data.text_column) if c not in df.columns]
-    if missing:
-        raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
-    problems = [f"  row {row[data.id_column]!r}, column {data.image_column}: {reason}"
-                for _, row in df.iterrows() if (reason := check_image(images_root, row[data.image_column]))]
+    if params_path is None:
+        params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+    else:
+        params = load_params(params_path)
+    items = to_canonical(read_manifest(manifest), params.data, source=manifest, labelled=False)
+    problems = check_images(items, images_root)
     if problems:
-        raise DataError(f"{len(problems)} image(s) cannot be read; nothing was written:\n" + "\n".join(problems))
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise DataError(f"{len(problems)} image(s) cannot be used; nothing was written:\n{lines}")
     root = images_root.resolve()
-    frame = pd.DataFrame({"image": [str(root / p) for p in df[data.image_column]], "text": df[data.text_column]})
-    result = load_pyfunc(model, params).predict(frame)
+    frame = pd.DataFrame({"image": [str(root / p) for p in items["image"]], "text": items["text"]})
+    result = load_pyfunc(model, params).predict(frame, params={"progress": True})
     with atomic_path(out_path) as tmp:
-        pd.DataFrame({"item_id": df[data.id_column], "prediction": result["label"],
+        pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
                       "confidence": result["confidence"].round(4)}).to_csv(tmp, index=False)
-    out.print(f"predicted {len(df)} items with {model} -> {out_path}")
+    out.print(f"predicted {len(items)} items with {model} -> {out_path}")
 
 
 def main() -> None:
@@ -167,5 +190,5 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)

@@ -72,7 +72,7 @@ class FeaturesParams(Section):
     out_dir: Path = Path("data/features")
     cache_dir: Path = Path(".cache/features")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(1, ge=0, description="DataLoader processes decoding images beside the forward pass")
     shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
@@ -82,7 +82,7 @@ class FeaturesParams(Section):
 
 class TrainParams(Section):
     out_dir: Path = Path("models")
-    history: Path = Path("reports/train_history.csv")
+    history: Path = Field(Path("reports/train_history"), description="folder: one CSV of epochs per variant")
     head: str = "concat"
     proj_dim: int = Field(256, ge=1)
     hidden_dim: int = Field(512, ge=1)
@@ -109,6 +109,18 @@ class RegistryParams(Section):
     experiment: str = "fusionops"
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
     artifacts_dir: Path = Field(Path("mlartifacts"), description="artifact root for a local (sqlite/file) store")
+    quantize: bool = Field(False, description="serve with int8 dynamic quantization of the head and text encoder")
+
+
+class PromoteParams(Section):
+    test: Literal["bootstrap", "mcnemar"] = Field(
+        "bootstrap", description="bootstrap: CI of the macro-F1 difference; mcnemar: exact test on accuracy")
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    n_resamples: int = Field(1000, ge=100)
+    min_delta: float = Field(0.0, description="the CI's lower bound must lie above this macro-F1 difference")
+    max_class_drop: float = Field(0.10, ge=0, le=1, description="largest per-class F1 drop a challenger may have")
+    seed: int = 0
+    report: Path = Path("reports/promotion.md")
 
 
 class Params(Section):
@@ -119,6 +131,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    promote: PromoteParams = PromoteParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _digest: str | None = PrivateAttr(None)
@@ -136,6 +149,14 @@ class Params(Section):
             return section.model_copy(update=updates)
 
         resolved = fix(self)
+        # Encoder locations are strings ('package' or a path): anchor the paths like every other path.
+        image, text = resolved.features.image, resolved.features.text
+        if image.weights != "package" and not Path(image.weights).expanduser().is_absolute():
+            image = image.model_copy(update={"weights": str(root / image.weights)})
+        if text.model != "package" and not Path(text.model).expanduser().is_absolute():
+            text = text.model_copy(update={"model": str(root / text.model)})
+        features = resolved.features.model_copy(update={"image": image, "text": text})
+        resolved = resolved.model_copy(update={"features": features})
         uri = self.registry.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative sqlite file
             registry = resolved.registry.model_copy(update={"tracking_uri": f"sqlite:///{root / uri[10:]}"})

@@ -35,6 +35,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32': how a precision is written in params, cache key spaces and model configs."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 def git_commit(root: Path) -> tuple[str | None, bool]:
@@ -20,19 +23,27 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
 
 
 def data_version(root: Path, data_dir: Path) -> str | None:
-    """The DVC hash of `data_dir`: from its .dvc file, else from the dvc.lock entry that depends on it."""
+    """The DVC hash of `data_dir` the stages used (dvc.lock), else the one in its .dvc file.
+
+    dvc.lock comes first: it records what the pipeline actually read, even when data/raw changed since the last
+    `dvc add` (then the two differ, and a warning says so).
+    """
     root = Path(root).resolve()
     data_dir = Path(data_dir).resolve()
     rel = data_dir.relative_to(root).as_posix() if data_dir.is_relative_to(root) else str(data_dir)
-    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
-    if dvc_file.is_file():
-        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
-            if out.get("path") == data_dir.name:
-                return out.get("md5")
+    used = added = None
     lock = root / "dvc.lock"
     if lock.is_file():
         for stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
             for dep in stage.get("deps", []):
                 if dep.get("path") == rel:
-                    return dep.get("md5")
-    return None
+                    used = dep.get("md5")
+    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    if dvc_file.is_file():
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+            if out.get("path") == data_dir.name:
+                added = out.get("md5")
+    if used and added and used != added:
+        log.warning("%s changed since `dvc add` (%s in %s, %s in dvc.lock): run `dvc add %s` to version it",
+                    rel, added, dvc_file.name, used, rel)
+    return used or added

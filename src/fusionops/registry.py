@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -64,11 +65,16 @@ def pip_requirements() -> list[str]:
 
 def _signature():
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Map
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]),
+        # The image comes as a path or as the file's bytes (base64 in JSON requests): one of the two per row.
+        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("binary", "image_bytes", required=False),
+                       ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
+                        ColSpec(Map(DataType.double), "probabilities")]),
+        params=ParamSchema([ParamSpec("progress", "boolean", False)]),
     )
 
 
@@ -89,34 +95,66 @@ def current_alias_version(client, name: str, alias: str) -> str | None:
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        # "not found" (no such model or alias) means no holder; anything else (server down...) must not read as
+        # "no champion", or the next registration would take the alias.
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in err.message:
+            return None
+        raise
+
+
+def _already_registered(client, name: str, model_sha256: str) -> str | None:
+    """The version that holds exactly these weights, if one does (registering twice adds nothing)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.model_sha256='{model_sha256}'")
     except MlflowException:
         return None
+    return str(min(int(v.version) for v in found)) if found else None
 
 
 def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[Path], tags: dict[str, str],
              input_example=None) -> dict:
     """Log one run (params, metrics, artifacts, lineage tags) with the model as a pyfunc, and register it.
 
-    The new version gets alias `challenger`, and `champion` too when the model has no champion yet.
+    The version gets alias `challenger`, and `champion` too when the model has no champion yet. Weights already
+    registered (a re-run that reproduced the same model) are not registered again: their version becomes the
+    challenger. That also makes a retried registration safe.
     """
     import mlflow
+    from mlflow.entities import Metric, Param
+
+    from fusionops.features.image import sha256_file
+    from fusionops.models import WEIGHTS_FILE
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, uri = _client(params)
-    experiment_id = _experiment_id(client, params, uri)
     name = params.registry.model_name
     tags = {k: str(v) for k, v in tags.items() if v is not None}
+    tags["model_sha256"] = sha256_file(Path(model_dir) / WEIGHTS_FILE)
+    existing = _already_registered(client, name, tags["model_sha256"])
+    if existing is not None:
+        client.set_registered_model_alias(name, CHALLENGER, existing)
+        log.info("%s version %s already holds these weights: not registered again", name, existing)
+        return {"name": name, "version": existing, "run_id": client.get_model_version(name, existing).run_id,
+                "aliases": [CHALLENGER], "new": False, "tracking_uri": uri}
+
+    experiment_id = _experiment_id(client, params, uri)
     run = client.create_run(experiment_id, tags={"mlflow.runName": f"train-{tags.get('params_hash', '')}", **tags})
     run_id = run.info.run_id
     try:
-        flat = {k: str(v)[:500] for k, v in _flatten(params.model_dump(mode="json", by_alias=True)).items()}
-        for key, value in flat.items():
-            client.log_param(run_id, key, value)
-        for key, value in _flatten(metrics).items():
-            if isinstance(value, int | float):
-                client.log_metric(run_id, key, float(value))
-        for path in artifacts:
-            if Path(path).exists():
+        flat = _flatten(params.model_dump(mode="json", by_alias=True))
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)[:500]) for k, v in flat.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in _flatten(metrics).items() if isinstance(v, int | float)],
+        )
+        for path in map(Path, artifacts):
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=f"reports/{path.name}")
+            elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path="reports")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -126,6 +164,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=pip_requirements(),
                 signature=_signature(),
+                model_config={"quantize": params.registry.quantize},
                 # MLflow predicts on the example while logging: a model that cannot load fails here, not later.
                 input_example=input_example,
             )
@@ -142,8 +181,8 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         client.set_registered_model_alias(name, CHAMPION, number)
         aliases.append(CHAMPION)
     log.info("registered %s version %s (%s)", name, number, ", ".join(aliases))
-    return {"name": name, "version": number, "run_id": run_id, "aliases": aliases,
-            "model_uri": f"models:/{name}/{number}", "tracking_uri": uri}
+    return {"name": name, "version": number, "run_id": run_id, "aliases": aliases, "new": True,
+            "tracking_uri": uri}
 
 
 def load_pyfunc(model_uri: str, params: Params):
@@ -169,8 +208,9 @@ def register_trained_model(params: Params, root: Path) -> dict:
     from fusionops.train import model_dir
 
     folder = model_dir(params.train.out_dir)
-    if not Path(params.evaluate.metrics).is_file():
-        raise UserError(f"{params.evaluate.metrics} not found: run the pipeline (`dvc repro`) before registering")
+    for needed in (params.evaluate.metrics, folder / "config.json", params.data.prepared):
+        if not Path(needed).is_file():
+            raise UserError(f"{needed} not found: run the pipeline (`dvc repro`) before registering")
     metrics = json.loads(Path(params.evaluate.metrics).read_text())
     config = json.loads((folder / "config.json").read_text())
     commit, dirty = git_commit(root)
@@ -181,16 +221,122 @@ def register_trained_model(params: Params, root: Path) -> dict:
         "params_hash": params.digest(),
         "label_column": params.data.label_column,
         "image_encoder": config["encoders"]["image"]["id"],
+        "image_encoder_weights_sha256": config["encoders"]["image"]["weights_sha256"],
         "text_encoder": config["encoders"]["text"]["id"],
+        "text_encoder_weights_sha256": config["encoders"]["text"]["weights_sha256"],
     }
     artifacts = [params.validate_.report, params.evaluate.metrics, params.evaluate.per_class,
                  params.evaluate.predictions, params.evaluate.confusion_matrix, params.train.history,
                  root / "params.yaml", root / "dvc.lock"]
     prepared = read_manifest(params.data.prepared)
-    example = prepared[prepared["split"] == "test"].head(2)
+    example = prepared[prepared["split"] == "test"].head(1)
+    # The image as bytes: an example that works on any machine (a path would point into this one).
     input_example = pd.DataFrame({
-        "image": [str((Path(params.data.images_root) / p).resolve()) for p in example["image"]],
+        "image_bytes": [(Path(params.data.images_root) / p).read_bytes() for p in example["image"]],
         "text": example["text"].tolist(),
     })
     return register(params, model_dir=folder, metrics=metrics, artifacts=artifacts, tags=tags,
                     input_example=input_example)
+
+
+def _test_items(params: Params):
+    """The frozen test items of the current data: true labels and the frame both models predict."""
+    import pandas as pd
+
+    from fusionops.data.manifest import read_manifest
+
+    if not Path(params.data.prepared).is_file():
+        raise UserError(f"{params.data.prepared} not found: run the pipeline (`dvc repro`) before promoting")
+    prepared = read_manifest(params.data.prepared)
+    test = prepared[prepared["split"] == "test"]
+    if test.empty:
+        raise UserError(f"{params.data.prepared} has no test items: the gate needs a test split to compare models")
+    root = Path(params.data.images_root).resolve()
+    frame = pd.DataFrame({"image": [str(root / p) for p in test["image"]], "text": test["text"].tolist()})
+    return test["label"].to_numpy(), frame
+
+
+def _record(client, name: str, version: str, tags: dict) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def promote(params: Params) -> dict:
+    """Move `champion` to the challenger only if the gate finds it significantly better on the frozen test items.
+
+    The decision and its numbers go on the challenger version as tags and into a markdown report (written to
+    promote.report and logged with the challenger's run). Aliases move last: if anything fails before, every alias
+    stays where it was.
+    """
+    import time
+
+    from fusionops.atomic import write_text
+    from fusionops.gate import compare, markdown
+
+    client, _ = _client(params)
+    name = params.registry.model_name
+    challenger = current_alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        raise UserError(f"{name} has no version with alias {CHALLENGER!r}: register a model first")
+    champion = current_alias_version(client, name, CHAMPION)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if champion == challenger:
+        return {"name": name, "decision": "unchanged", "champion": champion, "challenger": challenger,
+                "reason": f"version {challenger} is already the champion"}
+    if champion is None:
+        _record(client, name, challenger, {"promotion.decision": "promoted", "promotion.reason": "no champion yet",
+                                           "promotion.time": now})
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+        return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
+                "reason": "there was no champion"}
+
+    y, frame = _test_items(params)
+    predictions = {}
+    for role, number in (("champion", champion), ("challenger", challenger)):
+        model = load_pyfunc(f"models:/{name}/{number}", params)
+        predictions[role] = model.predict(frame)["label"].to_numpy()  # each model's own predictions
+    result = compare(y, predictions["champion"], predictions["challenger"], params.promote)
+    report = markdown(result, name=name, champion=champion, challenger=challenger)
+    write_text(params.promote.report, report)
+    run_id = client.get_model_version(name, challenger).run_id
+    if run_id:
+        client.log_text(run_id, report, "promotion/promotion.md")
+    decision = "promoted" if result.promote else "rejected"
+    _record(client, name, challenger, {
+        "promotion.decision": decision, "promotion.reason": result.reason[:500], "promotion.time": now,
+        "promotion.compared_to": champion, "promotion.test": params.promote.test, "promotion.items": result.items,
+        "promotion.delta_macro_f1": result.delta_macro_f1, "promotion.ci_low": result.ci_low,
+        "promotion.ci_high": result.ci_high, "promotion.mcnemar_p": result.mcnemar_p,
+        "promotion.worst_class_drop": result.class_drops[0]["drop"],
+    })
+    if result.promote:
+        # MLflow keeps no alias history: the previous champion is remembered on the new one, for rollback.
+        _record(client, name, challenger, {"previous_champion": champion, "champion_since": now})
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+    log.info("%s version %s %s: %s", name, challenger, decision, result.reason)
+    return {"name": name, "decision": decision, "champion": challenger if result.promote else champion,
+            "challenger": challenger, "reason": result.reason, "gate": result.to_dict()}
+
+
+def rollback(params: Params) -> dict:
+    """Move `champion` back to the version that held it before the current one (recorded at promotion)."""
+    import time
+
+    from fusionops.atomic import write_text
+
+    client, _ = _client(params)
+    name = params.registry.model_name
+    champion = current_alias_version(client, name, CHAMPION)
+    if champion is None:
+        raise UserError(f"{name} has no champion to roll back")
+    previous = client.get_model_version(name, champion).tags.get("previous_champion")
+    if not previous:
+        raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous})
+    _record(client, name, previous, {"rollback.from": champion, "champion_since": now})
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    reason = f"champion moved back from version {champion} to version {previous}"
+    write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
+    log.info("%s: %s", name, reason)
+    return {"name": name, "decision": "rolled back", "champion": previous, "previous": champion, "reason": reason}

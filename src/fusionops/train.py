@@ -17,7 +17,7 @@ import torch
 from rich.progress import TextColumn
 from sklearn.metrics import f1_score
 
-from fusionops.atomic import atomic_path
+from fusionops.atomic import atomic_dir
 from fusionops.config import TrainParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError
@@ -64,19 +64,24 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def head_dtype(device: torch.device) -> torch.dtype | None:
+    """AMP for the head on a GPU; on the CPU the head is tiny and fp32 is exact and fast."""
+    return autocast_dtype(device) if device.type == "cuda" else None
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, text: torch.Tensor, *,
                    device: torch.device | str = "cpu", batch_size: int = 1024) -> torch.Tensor:
     device = torch.device(device)
-    dtype = autocast_dtype(device) if device.type == "cuda" else None  # CPU heads are tiny: fp32 is exact and fast
+    dtype = head_dtype(device)
     model.eval()
     out = []
-    for start in range(0, len(image), batch_size):
+    for start in range(0, max(len(image), 1), batch_size):  # an empty input still yields (0, classes)
         img = image[start:start + batch_size].to(device, non_blocking=True)
         txt = text[start:start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(model(img, txt).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out)
 
 
 def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams, *,
@@ -84,7 +89,7 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
     """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model."""
     generator = seed_everything(params.seed)
     device = resolve_device(params.device)
-    dtype = autocast_dtype(device) if device.type == "cuda" else None
+    dtype = head_dtype(device)
     model = create_head(params.head, image_dim=train.image.shape[1], text_dim=train.text.shape[1],
                         num_classes=num_classes, proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
                         dropout=params.dropout, modalities=modalities).to(device)
@@ -128,12 +133,15 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
 
 def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
     """Train the fused head and the one-modality ablations; write them under params.out_dir."""
+    for split in ("train", "val"):
+        if not (prepared["split"] == split).any():
+            raise DataError(f"the {split} split is empty: add data or change split.train / split.val in params.yaml")
     labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
     if len(labels) < 2:
         raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
     train_data = split_data(prepared, features, labels, "train")
     val_data = split_data(prepared, features, labels, "val")
-    histories, summary = [], {}
+    histories, summary = {}, {}
     for variant, modalities in VARIANTS.items():
         model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant)
         config = {
@@ -149,10 +157,12 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
             "val_accuracy": best["val_accuracy"],
         }
         save_model(model_dir(params.out_dir, variant), model, config)
-        histories.append(history)
-        summary[variant] = {k: v for k, v in best.items()}
-    with atomic_path(params.history) as tmp:
-        pd.concat(histories).to_csv(tmp, index=False)
+        summary[variant] = best
+        histories[variant] = history
+    # One file per variant, so `dvc plots show` draws one curve per variant.
+    with atomic_dir(params.history) as tmp:
+        for variant, history in histories.items():
+            history.drop(columns="variant").to_csv(tmp / f"{variant}.csv", index=False)
     return summary
 
 

@@ -125,6 +125,14 @@ def run_expectations(df: pd.DataFrame) -> tuple[list[dict], list[Problem]]:
     return summary, problems
 
 
+def check_splits(df: pd.DataFrame) -> list[Problem]:
+    """Training needs a train and a val split, evaluation a test split."""
+    present = set(df["split"])
+    return [Problem(None, "split", f"the {split} split has no items",
+                    "add data, or change split.train / split.val in params.yaml")
+            for split in SPLITS if split not in present]
+
+
 def check_label_counts(df: pd.DataFrame, min_train_items: int) -> list[Problem]:
     """Every label must have enough training items to be learnt; name the rows of those that do not."""
     train_counts = df[df["split"] == "train"].groupby("label").size()
@@ -174,6 +182,7 @@ def validate(df: pd.DataFrame, images_root: Path, *, min_train_items_per_label: 
     expectations, problems = run_expectations(df)
     report = Report(rows=len(df), expectations=expectations, problems=problems)
     if all(col in df.columns for col in REQUIRED_COLUMNS):
+        report.problems += check_splits(df)
         report.problems += check_label_counts(df, min_train_items_per_label)
         report.problems += check_images(df, images_root)
     return report

@@ -57,6 +57,15 @@ def test_bad_params_is_a_message_not_a_traceback(project):
     assert "train.epochs" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_stage_out_of_order_says_what_to_run(project):
-    result = run("validate", cwd=project)
-    assert result.returncode == 1 and "run `fusionops prepare` first" in result.stderr
+@pytest.mark.parametrize("command, advice", [
+    ("validate", "run `fusionops prepare` first"),
+    ("train", "run `fusionops features` first"),
+    ("evaluate", "run `fusionops features` first"),
+    ("register", "run the pipeline"),
+])
+def test_stage_out_of_order_says_what_to_run(project, command, advice):
+    if command != "validate":
+        assert run("prepare", cwd=project).returncode == 0
+    result = run(command, cwd=project)
+    assert result.returncode == 1, result.stderr
+    assert advice in result.stderr and "Traceback" not in result.stderr

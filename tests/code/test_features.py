@@ -55,11 +55,21 @@ def test_other_preprocessing_gets_its_own_key_space(slice_dir, params):
     assert len(list(params.cache_dir.glob("*/encoder.json"))) == 3  # two image key spaces, one text
 
 
+def test_precision_gets_its_own_key_space(slice_dir, params):
+    """bf16 vectors are close to fp32 ones, not equal: a cache must never hand one out for the other."""
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:4]
+    bf16 = extract_features(df, slice_dir, params.model_copy(update={"precision": "bf16"}))
+    fp32 = extract_features(df, slice_dir, params.model_copy(update={"precision": "fp32"}))
+    assert bf16["image"]["computed"] == fp32["image"]["computed"] == 4
+    assert load_features(params.out_dir).encoders["image"]["precision"] == "fp32"
+
+
 def test_damaged_shard_is_recomputed_not_trusted(slice_dir, params):
     df = read_manifest(slice_dir / "manifest.csv").iloc[:8]
     extract_features(df, slice_dir, params)
     good = load_features(params.out_dir).image
     image_space = next(p.parent for p in params.cache_dir.glob("tf_efficientnet*/encoder.json"))
+    assert len(list(params.cache_dir.glob("tf_efficientnet*/encoder.json"))) == 1
     for shard in image_space.glob("shard-*.npz"):
         shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
     stats = extract_features(df, slice_dir, params)

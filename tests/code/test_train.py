@@ -1,4 +1,4 @@
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -26,6 +26,11 @@ def test_every_head_keeps_the_contract(name, modalities):
     assert torch.equal(head(img, txt), head.forward_head(z))
     if modalities == ("image",):  # a one-modality head must not look at the other modality at all
         assert torch.equal(head(img, txt), head(img, torch.randn(4, 5)))
+    if modalities == ("text",):
+        assert torch.equal(head(img, txt), head(torch.randn(4, 12), txt))
+    if len(modalities) == 2:  # ...and a fused head looks at both
+        assert not torch.equal(head(img, txt), head(img, torch.randn(4, 5)))
+        assert not torch.equal(head(img, txt), head(torch.randn(4, 12), txt))
 
 
 def test_unknown_head_lists_the_known_ones():
@@ -59,7 +64,7 @@ def test_saved_model_predicts_the_same(tmp_path, splits):
 
 
 def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice_features):
-    params = FAST.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history.csv",
+    params = FAST.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history",
                                      "max_epochs": 5})
     summary = train(slice_prepared, slice_features, params)
     assert set(summary) == set(VARIANTS)
@@ -68,5 +73,27 @@ def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice
         assert config["encoders"] == slice_features.encoders
     _, image_only = load_model(tmp_path / "models/ablations/image_only")
     assert image_only["head_kwargs"]["modalities"] == ["image"]
-    history = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
-    assert set(history["variant"]) == set(VARIANTS)
+    for variant in VARIANTS:
+        history = pd.read_csv(tmp_path / "history" / f"{variant}.csv")
+        assert list(history.columns) == ["epoch", "train_loss", "val_accuracy", "val_macro_f1"]
+        assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+        assert summary[variant]["val_macro_f1"] == history["val_macro_f1"].max()
+
+
+def test_predictor_refuses_other_encoder_weights(tmp_path, splits, slice_features):
+    """A model trained on other weights than the ones installed must not predict silently wrong answers."""
+    from fusionops.errors import UserError as Refused
+    from fusionops.predict import Predictor
+
+    labels, tr, va, te = splits
+    model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 1}), modalities=("image", "text"))
+    encoders = {k: dict(v) for k, v in slice_features.encoders.items()}
+    config = {"head": "concat", "labels": labels, "encoders": encoders,
+              "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
+                              "num_classes": len(labels), "modalities": ["image", "text"]}}
+    save_model(tmp_path / "ok", model, config)
+    assert Predictor(tmp_path / "ok").labels == labels
+    encoders["text"]["weights_sha256"] = "0" * 64
+    save_model(tmp_path / "other", model, config)
+    with pytest.raises(Refused, match="text encoder weights"):
+        Predictor(tmp_path / "other")

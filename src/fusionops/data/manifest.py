@@ -43,22 +43,20 @@ def _first_bad_byte(path: Path) -> str:
     return "position unknown"
 
 
-def to_canonical(df: pd.DataFrame, data: DataParams, *, source: Path | str = "manifest") -> pd.DataFrame:
-    """Select and rename the configured columns to item_id, image, text, label, group."""
-    mapping = {
-        data.id_column: "item_id",
-        data.image_column: "image",
-        data.text_column: "text",
-        data.label_column: "label",
-    }
-    missing = [col for col in mapping if col not in df.columns]
-    if data.group_column and data.group_column not in df.columns:
-        missing.append(data.group_column)
+def to_canonical(df: pd.DataFrame, data: DataParams, *, source: Path | str = "manifest",
+                 labelled: bool = True) -> pd.DataFrame:
+    """Select and rename the configured columns to item_id, image, text (+ label, group when `labelled`)."""
+    mapping = {data.id_column: "item_id", data.image_column: "image", data.text_column: "text"}
+    if labelled:
+        mapping[data.label_column] = "label"
+    needed = list(mapping) + ([data.group_column] if labelled and data.group_column else [])
+    missing = [col for col in needed if col not in df.columns]
     if missing:
         raise DataError(
             f"{source}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
             "fix the file or the data.*_column names in params.yaml"
         )
     out = df[list(mapping)].rename(columns=mapping)
-    out["group"] = df[data.group_column] if data.group_column else out["item_id"]
+    if labelled:
+        out["group"] = df[data.group_column] if data.group_column else out["item_id"]
     return out.reset_index(drop=True)

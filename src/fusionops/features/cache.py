@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +50,20 @@ class VectorCache:
             try:
                 with np.load(shard, allow_pickle=False) as z:
                     keys, vectors = z["keys"], z["vectors"]
-            except Exception as err:  # a damaged shard costs a recompute, never a wrong vector
-                log.warning("cache shard %s is unreadable (%s): set aside as .damaged, its items are recomputed",
+            except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as err:
+                # Shards appear only by atomic rename, so an undecodable one was damaged after it was written:
+                # it costs a recompute, never a wrong vector. (OSError, e.g. permissions, is not damage: raise.)
+                log.warning("cache shard %s is damaged (%s): set aside as .damaged, its items are recomputed",
                             shard, err)
-                # Shards appear only by atomic rename, so an unreadable one was damaged after it was written.
                 with contextlib.suppress(OSError):  # another process may have set it aside first
                     shard.replace(shard.with_name(shard.name + ".damaged"))
                 continue
+            self._loaded.add(shard.name)
             if vectors.shape[1:] != (self.dim,):
                 log.warning("ignoring cache shard %s: vectors of shape %s, expected dim %d",
                             shard, vectors.shape, self.dim)
                 continue
             self._vectors.update(zip(keys.tolist(), vectors, strict=True))
-            self._loaded.add(shard.name)
 
     def missing(self, keys: list[str]) -> list[str]:
         """Keys with no cached vector, without duplicates, in first-seen order."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fusionops.atomic import atomic_path, write_json
+from fusionops.atomic import atomic_dir
 from fusionops.config import FeaturesParams
-from fusionops.device import autocast_dtype, resolve_device
-from fusionops.errors import DataError
+from fusionops.device import autocast_dtype, precision_name, resolve_device
+from fusionops.errors import DataError, UserError
 from fusionops.features.cache import VectorCache, content_key
 from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
-from fusionops.features.text import TextEncoder, build_text_encoder
+from fusionops.features.text import build_text_encoder
 from fusionops.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,17 @@ def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *
             yield out.float().cpu().numpy()
 
 
+def encode_images(encoder: ImageEncoder, sources: Sequence[Path | bytes], *,
+                  on_batch: Callable[[int], None] | None = None, **kwargs) -> np.ndarray:
+    """All vectors of `sources` as one (N, dim) float32 array."""
+    parts = []
+    for out in iter_image_vectors(encoder, sources, **kwargs):
+        parts.append(out)
+        if on_batch:
+            on_batch(len(out))
+    return np.concatenate(parts) if parts else np.empty((0, encoder.dim), np.float32)
+
+
 @dataclass
 class FeatureSet:
     """Vectors aligned row by row with the prepared manifest."""
@@ -64,40 +75,17 @@ class FeatureSet:
     encoders: dict[str, dict]
 
 
-def _cached_images(keys: list[str], paths: list[Path], encoder: ImageEncoder, params: FeaturesParams,
-                   device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
-    cache = VectorCache(params.cache_dir, encoder.id, dim=encoder.dim)
-    first_path = dict(zip(reversed(keys), reversed(paths), strict=True))  # first row wins
+def _through_cache(cache: VectorCache, keys: list[str], compute: Callable[[list[str], Callable], np.ndarray], *,
+                   shard_size: int, description: str, unit: str) -> tuple[np.ndarray, int]:
+    """Vectors for `keys`: cached ones read, missing ones computed and stored shard by shard as they complete
+    (so a killed run keeps every finished shard). Returns the vectors and how many were computed."""
     todo = cache.missing(keys)
     if todo:
-        with progress_bar(unit="img") as bar:
-            task = bar.add_task("image vectors", total=len(todo))
-            # Shards are stored as they complete: a killed run keeps everything finished before the kill.
-            for start in range(0, len(todo), params.shard_size):
-                shard = todo[start:start + params.shard_size]
-                vectors = []
-                for out in iter_image_vectors(encoder, [first_path[k] for k in shard], batch_size=params.batch_size,
-                                              num_workers=params.num_workers, device=device, dtype=dtype):
-                    vectors.append(out)
-                    bar.advance(task, len(out))
-                cache.put(shard, np.concatenate(vectors))
-    return cache.get(keys), len(todo)
-
-
-def _cached_texts(texts: list[str], encoder: TextEncoder, params: FeaturesParams,
-                  device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
-    cache = VectorCache(params.cache_dir, encoder.id, dim=encoder.dim)
-    keys = [content_key(t) for t in texts]
-    by_key = dict(zip(keys, texts, strict=True))
-    todo = cache.missing(keys)
-    if todo:
-        with progress_bar(unit="texts") as bar:
-            task = bar.add_task("text vectors", total=len(todo))
-            for start in range(0, len(todo), params.shard_size):
-                shard = todo[start:start + params.shard_size]
-                cache.put(shard, encoder.encode([by_key[k] for k in shard], batch_size=params.batch_size,
-                                                device=device, autocast_dtype=dtype,
-                                                on_batch=lambda n: bar.advance(task, n)))
+        with progress_bar(unit=unit) as bar:
+            task = bar.add_task(description, total=len(todo))
+            for start in range(0, len(todo), shard_size):
+                shard = todo[start:start + shard_size]
+                cache.put(shard, compute(shard, lambda n: bar.advance(task, n)))
     return cache.get(keys), len(todo)
 
 
@@ -112,47 +100,65 @@ def _read(path: Path, item_id: str) -> bytes:
 def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams) -> dict:
     """Write vectors for every row of `df` to params.out_dir, computing only what the cache lacks.
 
-    Returns counts and rates per modality (what was computed and what came from the cache).
+    Returns counts and times per modality (what was computed and what came from the cache).
     """
     device = resolve_device(params.device)
     dtype = autocast_dtype(device, params.precision)
+    precision = precision_name(dtype)
     root = Path(images_root).resolve()
-    paths = [root / p for p in df["image"]]
-    stats: dict = {"device": device.type, "precision": str(dtype).removeprefix("torch.") if dtype else "fp32"}
+    stats: dict = {"device": device.type, "precision": precision}
+    encoders: dict[str, dict] = {}
 
     t0 = time.perf_counter()
-    image_keys = [content_key(_read(path, item_id)) for path, item_id in zip(paths, df["item_id"], strict=True)]
+    paths = [root / p for p in df["image"]]
+    keys = [content_key(_read(path, item_id)) for path, item_id in zip(paths, df["item_id"], strict=True)]
     image_encoder = build_image_encoder(params.image)
-    image, computed = _cached_images(image_keys, paths, image_encoder, params, device, dtype)
-    stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(image_keys)) - computed,
+    first_path = dict(zip(reversed(keys), reversed(paths), strict=True))  # identical files: encode one of them
+    # The key space is the encoder id plus the precision: bf16 vectors are close to fp32 ones, not equal.
+    cache = VectorCache(params.cache_dir, f"{image_encoder.id}-{precision}", dim=image_encoder.dim)
+    image, computed = _through_cache(
+        cache, keys, lambda shard, advance: encode_images(
+            image_encoder, [first_path[k] for k in shard], batch_size=params.batch_size,
+            num_workers=params.num_workers, device=device, dtype=dtype, on_batch=advance),
+        shard_size=params.shard_size, description="image vectors", unit="img")
+    stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(keys)) - computed,
                       "seconds": round(time.perf_counter() - t0, 2)}
 
     t0 = time.perf_counter()
+    texts = df["text"].tolist()
+    keys = [content_key(t) for t in texts]
+    by_key = dict(zip(keys, texts, strict=True))
     text_encoder = build_text_encoder(params.text)
-    text, computed = _cached_texts(df["text"].tolist(), text_encoder, params, device, dtype)
-    stats["text"] = {"items": len(df), "computed": computed, "cached": df["text"].nunique() - computed,
+    cache = VectorCache(params.cache_dir, f"{text_encoder.id}-{precision}", dim=text_encoder.dim)
+    text, computed = _through_cache(
+        cache, keys, lambda shard, advance: text_encoder.encode(
+            [by_key[k] for k in shard], batch_size=params.batch_size, device=device, autocast_dtype=dtype,
+            on_batch=advance),
+        shard_size=params.shard_size, description="text vectors", unit="texts")
+    stats["text"] = {"items": len(df), "computed": computed, "cached": len(by_key) - computed,
                      "seconds": round(time.perf_counter() - t0, 2)}
 
-    encoders = {
-        "image": {"id": image_encoder.id, "dim": image_encoder.dim, **params.image.model_dump(mode="json")},
-        "text": {"id": text_encoder.id, "dim": text_encoder.dim, **params.text.model_dump(mode="json")},
-    }
-    out = Path(params.out_dir)
-    for name, array in (("image", image), ("text", text)):
-        with atomic_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, array.astype(np.float32))
+    for name, enc, settings in (("image", image_encoder, params.image), ("text", text_encoder, params.text)):
+        encoders[name] = {"id": enc.id, "dim": enc.dim, "weights_sha256": enc.weights_sha256,
+                          "precision": precision, **settings.model_dump(mode="json")}
     # Timings stay out of meta.json: the stage's outputs depend only on its inputs, so DVC sees real changes only.
-    write_json(out / "meta.json", {"rows": len(df), "item_ids": df["item_id"].tolist(), "encoders": encoders})
+    with atomic_dir(params.out_dir) as tmp:
+        np.save(tmp / "image.npy", image.astype(np.float32))
+        np.save(tmp / "text.npy", text.astype(np.float32))
+        (tmp / "meta.json").write_text(json.dumps(
+            {"rows": len(df), "item_ids": df["item_id"].tolist(), "encoders": encoders}, indent=2) + "\n")
     return stats
 
 
 def load_features(out_dir: Path) -> FeatureSet:
-    """Read what extract_features wrote."""
+    """Read what extract_features wrote, checking that the three files agree."""
     out_dir = Path(out_dir)
+    if not (out_dir / "meta.json").is_file():
+        raise UserError(f"{out_dir} holds no features: run `fusionops features` first")
     meta = json.loads((out_dir / "meta.json").read_text())
-    return FeatureSet(
-        item_ids=meta["item_ids"],
-        image=np.load(out_dir / "image.npy"),
-        text=np.load(out_dir / "text.npy"),
-        encoders=meta["encoders"],
-    )
+    features = FeatureSet(item_ids=meta["item_ids"], image=np.load(out_dir / "image.npy"),
+                          text=np.load(out_dir / "text.npy"), encoders=meta["encoders"])
+    if not len(features.item_ids) == len(features.image) == len(features.text):
+        raise UserError(f"{out_dir} is inconsistent ({len(features.item_ids)} ids, {len(features.image)} image and "
+                        f"{len(features.text)} text vectors): run `fusionops features` again")
+    return features

@@ -16,6 +16,9 @@ from PIL import Image, ImageOps
 from fusionops.config import ImageEncoderParams
 from fusionops.errors import UserError
 
+# Bump when load_rgb changes what it hands the transform: cached vectors made by the old code are then not reused.
+LOADER_VERSION = 1
+
 # Blocks per stage of EfficientNet-Lite0: the weights package numbers blocks flat (_blocks.0 ... _blocks.15),
 # timm nests them by stage (blocks.<stage>.<index>).
 _LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
@@ -73,6 +76,7 @@ class ImageEncoder:
     background: tuple[int, int, int]
     id: str
     dim: int
+    weights_sha256: str
 
 
 def _weights_file(params: ImageEncoderParams) -> Path:
@@ -107,7 +111,11 @@ def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
 
     weights = _weights_file(params)
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    if params.weights == "package" or any(k.startswith("_blocks.") for k in state):
+    if any(k.startswith("_blocks.") for k in state):  # the EfficientNet-PyTorch layout of the weights package
+        if params.backbone != "tf_efficientnet_lite0":
+            raise UserError(f"weights {weights} are EfficientNet-Lite0 weights (EfficientNet-PyTorch layout): "
+                            "use them with backbone tf_efficientnet_lite0, or give a state dict for "
+                            f"{params.backbone}")
         state = rename_lite0_keys(state)
     model = timm.create_model(params.backbone, pretrained=False, num_classes=state["classifier.weight"].shape[0]
                               if "classifier.weight" in state else 0)
@@ -131,12 +139,14 @@ def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
     transform = create_transform(**config, is_training=False)
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     described["background"] = list(params.background)
+    described["loader_version"] = LOADER_VERSION
     return ImageEncoder(
         model=model,
         transform=transform,
         background=tuple(params.background),
         id=encoder_id(params.backbone, _weights_digest(weights), described),
         dim=model.num_features,
+        weights_sha256=_weights_digest(weights),
     )
 
 

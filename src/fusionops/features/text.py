@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,13 @@ def _model_dir(spec: str) -> Path:
 
 
 def _weights_digest(folder: Path) -> str:
+    """sha256 of the weight files (of their digests, in name order, when the weights are sharded)."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise UserError(f"text encoder folder {folder} holds no *.safetensors or pytorch_model*.bin weights")
-    return "".join(sha256_file(f)[:16] for f in files)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TextEncoder:
     max_length: int
     id: str
     dim: int
+    weights_sha256: str
 
     @torch.inference_mode()
     def encode(self, texts: list[str], *, batch_size: int = 256, device: torch.device | str = "cpu",
@@ -88,12 +93,16 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
     name = "all-MiniLM-L6-v2" if params.model == "package" else folder.name
-    config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2"}
+    tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
+    config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
+              "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files]}
+    weights_sha256 = _weights_digest(folder)
     return TextEncoder(
         tokenizer=tokenizer,
         model=model,
         pooling=params.pooling,
         max_length=params.max_length,
-        id=encoder_id(name, _weights_digest(folder), config),
+        id=encoder_id(name, weights_sha256, config),
         dim=model.config.hidden_size,
+        weights_sha256=weights_sha256,
     )

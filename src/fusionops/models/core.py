@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fusionops.atomic import atomic_path, write_json
+from fusionops.atomic import atomic_dir
 from fusionops.errors import UserError
 
 HEADS: dict[str, Callable[..., torch.nn.Module]] = {}
@@ -33,10 +33,9 @@ def save_model(folder: Path, model: torch.nn.Module, config: dict) -> None:
     """Write the head's weights and everything needed to rebuild it (head name, kwargs, labels, encoders)."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(folder / CONFIG_FILE, config)
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
