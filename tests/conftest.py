@@ -87,3 +87,12 @@ def slice_features(slice_dir, slice_prepared, tmp_path_factory):
     params = FeaturesParams(out_dir=root / "out", cache_dir=root / "cache", num_workers=0)
     extract_features(slice_prepared, slice_dir, params)
     return load_features(params.out_dir)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, demo_manifest):
+    """(folder, manifest, {bad id: column}, [odd-but-valid ids]): 48 real items plus every broken and odd row."""
+    from helpers import make_zoo
+
+    folder = tmp_path_factory.mktemp("zoo") / "data"
+    return folder, *make_zoo(folder, take_slice(demo_manifest, 6))

@@ -29,3 +29,71 @@ def write_dataset(rows: pd.DataFrame, folder: Path) -> Path:
         shutil.copyfile(DEMO / rel, folder / rel)
     rows.to_csv(folder / "manifest.csv", index=False)
     return folder
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, with no pixel data: what a decompression bomb shows."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def make_zoo(folder: Path, base: pd.DataFrame) -> tuple[Path, dict[str, str], list[str]]:
+    """A dataset of `base` rows plus every odd-but-valid and every broken kind of row.
+
+    Returns the manifest path, {bad item_id: the column to blame} and the ids of the odd-but-valid rows.
+    """
+    from PIL import Image
+
+    write_dataset(base, folder)
+    images = folder / "zoo"
+    images.mkdir()
+    template = base.iloc[0].to_dict()
+    rows, bad, odd = [], {}, []
+
+    def add(item_id: str, image: str, text: str = "red apple", label: str | None = None, *, blame: str = ""):
+        rows.append({**template, "item_id": item_id, "emoji_id": item_id, "image": image, "text": text,
+                     "category": label or template["category"]})
+        (bad.__setitem__(item_id, blame) if blame else odd.append(item_id))
+
+    # Odd but valid: every image mode, tiny images, long and non-Latin text.
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(images / "cmyk.jpg")
+    Image.new("I;16", (40, 30), 40000).save(images / "gray16.png")
+    Image.new("L", (40, 30), 90).save(images / "gray8.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(images / "one.png")
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(images / "transparent.png")
+    Image.new("P", (20, 20), 0).save(images / "palette.png", transparency=0)
+    for name in ("cmyk.jpg", "gray16.png", "gray8.png", "one.png", "transparent.png", "palette.png"):
+        add(f"odd/{name}", f"zoo/{name}")
+    add("odd/long-text", "zoo/one.png", text="a very long description " * 400)
+    add("odd/unicode", "zoo/one.png", text="🍎 りんご 苹果 pomme à la crème")
+
+    # Broken, each in its own row.
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    real = (folder / base["image"].iloc[0]).read_bytes()
+    (images / "truncated.png").write_bytes(real[: len(real) // 2])
+    (images / "empty.png").write_bytes(b"")
+    (images / "text.png").write_text("this is a text file, not a picture\n")
+    (images / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    (folder.parent / "outside.png").write_bytes(real)
+    (images / "escape.png").symlink_to(folder.parent / "outside.png")
+    for item_id, image in [("bad/corrupt", "zoo/corrupt.png"), ("bad/truncated", "zoo/truncated.png"),
+                           ("bad/empty-file", "zoo/empty.png"), ("bad/missing", "zoo/missing.png"),
+                           ("bad/dotdot", "../outside.png"), ("bad/absolute", str(folder.parent / "outside.png")),
+                           ("bad/symlink", "zoo/escape.png"), ("bad/bomb", "zoo/bomb.png"),
+                           ("bad/not-an-image", "zoo/text.png")]:
+        add(item_id, image, blame="image")
+    add("bad/empty-text", "zoo/one.png", text="", blame="text")
+    add("bad/blank-text", "zoo/one.png", text="  \t ", blame="text")
+    add("bad/no-label", "zoo/one.png", label=" ", blame="label")
+    rows.append({**template, "image": "zoo/one.png"})  # a second row with the first row's id
+    bad[template["item_id"]] = "item_id"
+
+    manifest = pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+    manifest.to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv", bad, odd

@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read (paths are relative to it)")]
 
@@ -54,29 +54,67 @@ def _prepared(params: Params):
 
 @app.command()
 def prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Read the raw manifest, add the stable grouped train/val/test split, write the prepared manifest."""
+    """Check every row of the raw manifest, add the stable grouped split, write the prepared manifest."""
     from fusionops.data.prepare import prepare as run
 
     params = load_params(params_path)
-    df = run(params.data, params.split)
+    df, rejected = run(params.data, params.split, params.validate_)
     counts = df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
+    for problem in rejected:
+        err.print(f"skipped {problem}", highlight=False, markup=False)
     out.print(f"prepared {len(df)} items, {df['label'].nunique()} labels "
-              f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) -> {_rel(params.data.prepared)}")
+              f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) -> {_rel(params.data.prepared)}"
+              + (f"; {len(rejected)} problem(s) skipped, see {_rel(params.validate_.rejected)}" if rejected else ""))
 
 
 @app.command()
-def validate(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Check the prepared manifest (Great Expectations suite) and every image; exit 2 naming each bad row."""
+def validate(
+    manifest: Annotated[Path | None, typer.Option(
+        help="a manifest to check (CSV or Parquet) [default: the prepared manifest, as the pipeline stage]")] = None,
+    images_root: Annotated[Path | None, typer.Option(help="folder the manifest's image paths are relative to")] = None,
+    mode: Annotated[str, typer.Option(
+        help="dataset: a whole training set (splits, enough items per label); "
+             "batch: new data for the current dataset (its labels only, no minimum count)")] = "dataset",
+    report_path: Annotated[Path | None, typer.Option(
+        "--report", help="where to write the JSON report [default: validate.report for the stage]")] = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Check a manifest and every image; exit 2 with one line per problem (row, column, fix)."""
+    from fusionops.data.manifest import read_manifest, to_canonical
     from fusionops.validation import validate as run
     from fusionops.validation import write_report
 
+    if mode not in ("dataset", "batch"):
+        raise UserError(f"--mode must be 'dataset' or 'batch', not {mode!r}")
     params = load_params(params_path)
-    report = run(_prepared(params), params.data.images_root,
-                 min_train_items_per_label=params.validate_.min_train_items_per_label)
-    write_report(report, params.validate_.report)
+    if manifest is None:  # the pipeline stage: the prepared manifest, as a dataset
+        if mode != "dataset":
+            raise UserError("--mode batch checks new data: give it with --manifest and --images-root")
+        df, root, report_path = _prepared(params), params.data.images_root, report_path or params.validate_.report
+    else:
+        if images_root is None:
+            raise UserError("--manifest needs --images-root (the folder its image paths are relative to)")
+        df, root = to_canonical(read_manifest(manifest), params.data, source=manifest), images_root
+    known = _known_labels(params) if mode == "batch" else None
+    report = run(df, root, mode=mode, min_train_items_per_label=params.validate_.min_train_items_per_label,
+                 known_labels=known, max_pixels=params.validate_.max_image_pixels,
+                 split=params.split if manifest is not None else None)
+    if report_path:
+        write_report(report, report_path)
     if not report.success:
-        raise DataError(f"{report.summary()}\nfull report: {params.validate_.report}")
+        raise DataError(report.summary(limit=1000) + (f"\nfull report: {_rel(report_path)}" if report_path else ""))
     out.print(report.summary())
+
+
+def _known_labels(params: Params) -> set[str]:
+    """The labels of the current dataset: the prepared manifest's, else the raw manifest's."""
+    from fusionops.data.manifest import read_manifest
+
+    for path, column in ((params.data.prepared, "label"), (params.data.manifest, params.data.label_column)):
+        if Path(path).is_file():
+            return set(read_manifest(path)[column])
+    raise UserError(f"batch mode compares with the current dataset, but neither {params.data.prepared} nor "
+                    f"{params.data.manifest} exists: run `fusionops prepare` first")
 
 
 @app.command()

@@ -49,6 +49,10 @@ class SplitParams(Section):
 class ValidateParams(Section):
     report: Path = Path("reports/validation.json")
     min_train_items_per_label: int = Field(2, ge=1)
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        "fail", description="prepare: fail (stop, write nothing) or skip (drop the rows, list them in rejected)")
+    rejected: Path = Field(Path("data/prepared/rejected.csv"), description="rows prepare dropped, and why")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="larger declared sizes are refused (bombs)")
 
 
 class ImageEncoderParams(Section):

@@ -1,22 +1,30 @@
-"""The validate stage: a Great Expectations suite on the prepared manifest, plus checks of every image file.
+"""Validation: a Great Expectations suite on a manifest, checks of every image file, and dataset or batch rules.
 
 Everything found is reported at once, each problem naming the row, the column and what to do, so one run of
-`fusionops validate` is enough to fix a dataset.
+`fusionops validate` is enough to fix a dataset. Three scopes:
+
+- rows: the suite (required columns, unique ids, nothing empty) and every image (inside the images root, a real
+  image file that decodes, not a decompression bomb). `prepare` applies validate.on_bad_rows to these.
+- dataset: rows + what training needs (train/val/test splits, enough training items per label).
+- batch: rows + every label is one the current dataset knows (new data for an existing model; no minimum count).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fusionops.atomic import write_json
 from fusionops.data.split import SPLITS
 
-REQUIRED_COLUMNS = ("item_id", "image", "text", "label", "split")
+Mode = Literal["rows", "dataset", "batch"]
+ROW_COLUMNS = ("item_id", "image", "text", "label")
 
 
 @dataclass
@@ -34,6 +42,7 @@ class Problem:
 @dataclass
 class Report:
     rows: int
+    mode: str = "dataset"
     expectations: list[dict] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -41,9 +50,19 @@ class Report:
     def success(self) -> bool:
         return not self.problems
 
+    @property
+    def bad_rows(self) -> set[str]:
+        return {p.item_id for p in self.problems if p.item_id is not None}
+
+    @property
+    def table_problems(self) -> list[Problem]:
+        """Problems no row can be blamed for (a missing column, an empty split): skipping rows cannot fix them."""
+        return [p for p in self.problems if p.item_id is None]
+
     def to_dict(self) -> dict:
         return {
             "success": self.success,
+            "mode": self.mode,
             "rows": self.rows,
             "problem_count": len(self.problems),
             "expectations": self.expectations,
@@ -52,8 +71,9 @@ class Report:
 
     def summary(self, limit: int = 50) -> str:
         if self.success:
-            return f"validation passed: {self.rows} rows, {len(self.expectations)} expectations met, images decode"
-        lines = [f"validation failed: {len(self.problems)} problem(s) in {self.rows} rows"]
+            return (f"validation passed ({self.mode}): {self.rows} rows, {len(self.expectations)} expectations met, "
+                    "every image decodes")
+        lines = [f"validation failed ({self.mode}): {len(self.problems)} problem(s) in {self.rows} rows"]
         lines += [f"  {p}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more (see the JSON report)")
@@ -69,43 +89,42 @@ _ADVICE = {
 }
 
 
-def _suite(columns: set[str]):
+def _suite(columns: set[str], required: tuple[str, ...]):
     """The manifest suite; value checks only on columns that exist (a missing column is reported once)."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    expectations = [gxe.ExpectColumnToExist(column=col) for col in REQUIRED_COLUMNS]
+    expectations = [gxe.ExpectColumnToExist(column=col) for col in required]
     if "item_id" in columns:
         expectations.append(gxe.ExpectColumnValuesToBeUnique(column="item_id"))
     expectations += [gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=r"^\s*$")
-                     for col in ("item_id", "image", "text", "label") if col in columns]
+                     for col in ROW_COLUMNS if col in columns]
     if "split" in columns:
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
-    return gx.ExpectationSuite(name="prepared_manifest", expectations=expectations)
+    return gx.ExpectationSuite(name="manifest", expectations=expectations)
 
 
-def run_expectations(df: pd.DataFrame) -> tuple[list[dict], list[Problem]]:
+def run_expectations(df: pd.DataFrame, required: tuple[str, ...] = ROW_COLUMNS) -> tuple[list[dict], list[Problem]]:
     """Run the Great Expectations suite on the manifest (ephemeral context, nothing written to disk)."""
-    import great_expectations as gx  # ~5 s to import: only the validate stage pays for it
+    import great_expectations as gx  # ~5 s to import: only validation pays for it
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     # GX sets INFO on some of its loggers at import ("Created temporary directory ... for ephemeral docs site").
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("great_expectations"):
             logging.getLogger(name).setLevel(logging.WARNING)
-
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
         context.data_sources.add_pandas("manifest")
-        .add_dataframe_asset("prepared")
+        .add_dataframe_asset("manifest")
         .add_batch_definition_whole_dataframe("whole")
         .get_batch(batch_parameters={"dataframe": df})
     )
     result_format = {"result_format": "COMPLETE"}
     if "item_id" in df.columns:
         result_format["unexpected_index_column_names"] = ["item_id"]
-    results = batch.validate(_suite(set(df.columns)), result_format=result_format)
+    results = batch.validate(_suite(set(df.columns), required), result_format=result_format)
 
     summary, problems = [], []
     for r in results.results:
@@ -150,41 +169,79 @@ def check_label_counts(df: pd.DataFrame, min_train_items: int) -> list[Problem]:
     return problems
 
 
-def check_image(images_root: Path, relpath: str) -> str | None:
-    """Return why the image cannot be used, or None when it is a readable image inside the images root."""
-    root = images_root.resolve()
-    path = (root / relpath).resolve()
+def check_known_labels(df: pd.DataFrame, known: set[str]) -> list[Problem]:
+    """Batch mode: a new batch may only use labels the dataset (and so the model) already knows."""
+    return [Problem(str(item_id), "label", f"unknown label {label!r} (the dataset has {len(known)} labels)",
+                    "use one of the dataset's labels; a new label needs a dataset change, not a batch")
+            for item_id, label in zip(df["item_id"], df["label"], strict=True)
+            if str(label).strip() and label not in known]
+
+
+def check_image(images_root: Path, relpath: str, *, max_pixels: int = 50_000_000) -> tuple[str, str] | None:
+    """(problem, fix) when the file cannot be used as an image, None when it is a readable image in the root."""
+    root = Path(images_root).resolve()
+    if Path(relpath).is_absolute():
+        return f"absolute path {relpath!r}", "give the path relative to the images root"
+    path = (root / relpath).resolve()  # resolves '..' and symlinks: what is read must be inside the root
     if not path.is_relative_to(root):
-        return f"path {relpath!r} points outside the images root {root}"
+        return f"path {relpath!r} leads outside the images root {root}", "move the file under the images root"
     if not path.is_file():
-        return f"file {path} not found"
+        return f"file {path} not found", "add the file or fix the path"
+    if path.stat().st_size == 0:
+        return f"file {path} is empty (0 bytes)", "replace it with the real image"
     try:
-        with Image.open(path) as img:
-            img.load()
-    except Exception as err:  # PIL raises many types for bad files; the message is what a person needs
-        return f"file {path} does not decode as an image ({type(err).__name__}: {err})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size  # read from the header, before any pixel is decoded
+                if width * height > max_pixels:
+                    return (f"image {path} declares {width}x{height} pixels, over validate.max_image_pixels="
+                            f"{max_pixels} (a decompression bomb or a mistake)", "resize it or remove the row")
+                img.load()
+    except UnidentifiedImageError:
+        return f"file {path} is not an image (unknown format)", "replace it with a PNG/JPEG/WebP... image"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"image {path} is too large to decode safely ({err})", "resize it or remove the row"
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged files; name what it said
+        return f"image {path} is damaged ({type(err).__name__}: {err})", "re-export or replace the file"
     return None
 
 
-def check_images(df: pd.DataFrame, images_root: Path) -> list[Problem]:
+def check_images(df: pd.DataFrame, images_root: Path, *, max_pixels: int = 50_000_000) -> list[Problem]:
     problems = []
     for item_id, relpath in zip(df["item_id"], df["image"], strict=True):
         if not str(relpath).strip():
             continue  # an empty path is already reported by the suite
-        reason = check_image(images_root, str(relpath))
-        if reason:
-            problems.append(Problem(str(item_id), "image", reason, "fix or replace the file, or remove the row"))
+        found = check_image(images_root, str(relpath), max_pixels=max_pixels)
+        if found:
+            problems.append(Problem(str(item_id), "image", *found))
     return problems
 
 
-def validate(df: pd.DataFrame, images_root: Path, *, min_train_items_per_label: int) -> Report:
-    """Run every check on a prepared manifest and return one report with all problems found."""
-    expectations, problems = run_expectations(df)
-    report = Report(rows=len(df), expectations=expectations, problems=problems)
-    if all(col in df.columns for col in REQUIRED_COLUMNS):
+def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min_train_items_per_label: int = 1,
+             known_labels: set[str] | None = None, max_pixels: int = 50_000_000, split=None) -> Report:
+    """Run every check of `mode` on a canonical manifest and return one report with all problems found.
+
+    In dataset mode a manifest without a `split` column is split as `prepare` would (`split`: SplitParams), after
+    the row checks: every row is checked, including rows whose label prepare would drop as too rare.
+    """
+    required = ROW_COLUMNS + (("split",) if mode == "dataset" and split is None else ())
+    expectations, problems = run_expectations(df, required)
+    report = Report(rows=len(df), mode=mode, expectations=expectations, problems=problems)
+    if report.table_problems:
+        return report  # without the columns there is nothing more to check row by row
+    report.problems += check_images(df, images_root, max_pixels=max_pixels)
+    if mode == "dataset":
+        if split is not None:
+            from fusionops.data.prepare import split_manifest
+
+            df = split_manifest(df[~df["item_id"].isin(report.bad_rows)], split)
         report.problems += check_splits(df)
         report.problems += check_label_counts(df, min_train_items_per_label)
-        report.problems += check_images(df, images_root)
+    elif mode == "batch":
+        if known_labels is None:
+            raise ValueError("batch mode needs the labels of the current dataset")
+        report.problems += check_known_labels(df, known_labels)
     return report
 
 

@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +25,6 @@ def test_help_lists_every_stage():
 
 
 def test_dvc_stages_are_cli_commands():
-    import yaml
-
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert {name: stage["cmd"] for name, stage in stages.items()} == {n: f"fusionops {n}" for n in stages}
 
@@ -36,18 +36,27 @@ def project(tmp_path, slice_dir):
     return tmp_path
 
 
-def test_validate_names_bad_rows_and_exits_2(project):
+def test_prepare_refuses_a_bad_row_or_skips_it_by_policy(project):
     manifest = project / "data/raw/manifest.csv"
     lines = manifest.read_text().splitlines()
     first_id = lines[1].split(",")[0]
     lines[1] = lines[1].replace(".png", "-gone.png", 1)
     manifest.write_text("\n".join(lines) + "\n")
-    assert run("prepare", cwd=project).returncode == 0
-    result = run("validate", cwd=project)
+    result = run("prepare", cwd=project)
     assert result.returncode == 2
-    assert f"row {first_id!r}, column image" in result.stderr
+    assert f"row {first_id!r}, column image" in result.stderr and "nothing was written" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert (project / "reports/validation.json").is_file()
+    assert not (project / "data/prepared").exists()
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"]["on_bad_rows"] = "skip"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run("prepare", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped row {first_id!r}, column image" in result.stderr
+    prepared = pd.read_csv(project / "data/prepared/manifest.csv")
+    assert first_id not in set(prepared["item_id"]) and len(prepared) == len(lines) - 2
+    assert pd.read_csv(project / "data/prepared/rejected.csv")["item_id"].tolist() == [first_id]
 
 
 def test_bad_params_is_a_message_not_a_traceback(project):
@@ -69,3 +78,42 @@ def test_stage_out_of_order_says_what_to_run(project, command, advice):
     result = run(command, cwd=project)
     assert result.returncode == 1, result.stderr
     assert advice in result.stderr and "Traceback" not in result.stderr
+
+
+def test_validate_a_manifest_lists_every_bad_row_once(zoo, tmp_path):
+    folder, manifest, bad, odd = zoo
+    report = tmp_path / "report.json"
+    result = run("validate", "--manifest", str(manifest), "--images-root", str(folder), "--report", str(report),
+                 cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  row ")]
+    for item_id, column in bad.items():
+        assert any(f"row {item_id!r}, column {column}:" in line and " -> " in line for line in lines), item_id
+    assert not any(item_id in result.stderr for item_id in odd)
+    import json
+
+    assert {p["item_id"] for p in json.loads(report.read_text())["problems"]} >= set(bad)
+
+
+def test_validate_batch_mode(zoo, tmp_path):
+    folder, manifest, _, odd = zoo
+    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    batch = rows[rows["item_id"].isin(odd)]
+    batch.to_csv(tmp_path / "batch.csv", index=False)
+    args = ("validate", "--manifest", str(tmp_path / "batch.csv"), "--images-root", str(folder), "--mode", "batch")
+    ok = run(*args, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    batch.assign(category="Spaceships").to_csv(tmp_path / "batch.csv", index=False)
+    refused = run(*args, cwd=ROOT)
+    assert refused.returncode == 2 and "unknown label 'Spaceships'" in refused.stderr
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"item_id,image,text\n1,a.png,x\n", "missing column(s) category, emoji_id"),
+    (b"item_id,emoji_id,image,text,category\n1,1,a.png,caf\xe9,c\n", "not valid UTF-8 (line 2"),
+])
+def test_unusable_manifest_is_one_clear_line(tmp_path, content, needle):
+    (tmp_path / "m.csv").write_bytes(content)
+    result = run("validate", "--manifest", str(tmp_path / "m.csv"), "--images-root", str(tmp_path), cwd=ROOT)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr

@@ -100,3 +100,18 @@ def test_unreadable_image_names_the_row(slice_dir, params, tmp_path):
     with pytest.raises(DataError, match=f"row '{df.loc[1, 'item_id']}': cannot read image"):
         extract_features(df, slice_dir, params)
     assert not params.out_dir.exists()  # nothing half-written
+
+
+def test_odd_but_valid_images_and_texts_encode(zoo, params, image_encoder):
+    from fusionops.features.image import load_rgb
+
+    folder, manifest, _, odd = zoo
+    df = read_manifest(manifest)
+    df = df[df["item_id"].isin(odd)].reset_index(drop=True)
+    sizes = {tuple(image_encoder.transform(load_rgb(folder / p)).shape) for p in df["image"]}
+    assert sizes == {(3, 128, 128)}  # every mode, every size: the same tensor shape
+    extract_features(df, folder, params)
+    fs = load_features(params.out_dir)
+    assert np.isfinite(fs.image).all() and np.isfinite(fs.text).all()
+    long_text = fs.text[df.index[df["item_id"] == "odd/long-text"][0]]
+    np.testing.assert_allclose(np.linalg.norm(long_text), 1.0, rtol=1e-5)  # truncated by the encoder, not refused

@@ -28,3 +28,44 @@ def test_unreadable_manifest(tmp_path, name, needle):
         (tmp_path / name).write_text("{}")
     with pytest.raises(DataError, match=needle):
         read_manifest(tmp_path / name)
+
+
+# Fuzzing: whatever bytes a manifest holds, reading it gives a frame of strings or a DataError, nothing else.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fusionops.config import DataParams  # noqa: E402
+from fusionops.data.manifest import to_canonical  # noqa: E402
+
+_cells = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300))
+def test_any_bytes_read_or_refuse_clearly(tmp_path, raw):
+    path = tmp_path / "m.csv"
+    path.write_bytes(raw)
+    try:
+        df = read_manifest(path)
+    except DataError:
+        return
+    assert all(isinstance(v, str) for v in df.to_numpy().ravel())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(_cells, min_size=5, max_size=5), max_size=8),
+       header=st.lists(st.sampled_from(["item_id", "image", "text", "category", "emoji_id", "x"]),
+                       min_size=1, max_size=6),
+       fmt=st.sampled_from(["csv", "parquet"]))
+def test_any_table_reads_and_maps_or_refuses_clearly(tmp_path, rows, header, fmt):
+    columns = list(dict.fromkeys(header))
+    frame = pd.DataFrame([r[: len(columns)] for r in rows], columns=columns)
+    path = tmp_path / f"m.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    try:
+        df = to_canonical(read_manifest(path), DataParams())
+    except DataError as err:
+        assert "missing column" in str(err) or "could not be read" in str(err) or "UTF-8" in str(err)
+        return
+    assert list(df.columns) == ["item_id", "image", "text", "label", "group"]
+    assert len(df) == len(frame)
