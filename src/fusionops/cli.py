@@ -223,6 +223,25 @@ def predict(
     out.print(f"predicted {len(items)} items with {model} -> {out_path}")
 
 
+@app.command()
+def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Check this machine: packages, weights, encoders, folders, disk, GPU, MLflow, DVC; say what to fix."""
+    from rich.table import Table
+
+    from fusionops.doctor import run_checks
+
+    params = load_params(params_path) if Path(params_path).is_file() else Params()
+    checks = run_checks(params, Path(params_path).resolve().parent)
+    table = Table("check", "", "found", "to fix", show_lines=False)
+    for c in checks:
+        mark = "[red]FAIL[/]" if not (c.ok or c.warning) else "[yellow]note[/]" if c.warning else "[green]ok[/]"
+        table.add_row(c.name, mark, escape(c.detail), escape(c.fix))
+    Console(width=160).print(table)
+    failed = [c.name for c in checks if not c.ok and not c.warning]
+    if failed:
+        raise UserError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+
+
 def main() -> None:
     """Console entry point: a user error is a message and an exit code, never a traceback."""
     try:

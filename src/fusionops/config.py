@@ -99,6 +99,7 @@ class TrainParams(Section):
     patience: int = Field(10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_dir: Path = Field(Path(".cache/checkpoints"), description="per-epoch state; a killed run resumes")
 
 
 class EvaluateParams(Section):
@@ -114,6 +115,8 @@ class RegistryParams(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
     artifacts_dir: Path = Field(Path("mlartifacts"), description="artifact root for a local (sqlite/file) store")
     quantize: bool = Field(False, description="serve with int8 dynamic quantization of the head and text encoder")
+    http_retries: int = Field(3, ge=0, description="retries (exponential backoff) before a tracking server is down")
+    http_timeout: int = Field(30, ge=1, description="seconds per request to a tracking server")
 
 
 class PromoteParams(Section):

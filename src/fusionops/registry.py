@@ -7,6 +7,7 @@ in other threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -35,12 +36,28 @@ def tracking_uri(params: Params) -> str:
 
 
 def _client(params: Params):
+    """A client for the tracking store; a server that does not answer is a clear error after bounded retries."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    # MLflow's own retry loop, bounded (its default waits minutes); the environment still wins when set.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(params.registry.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(params.registry.http_timeout))
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri), uri
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            client.search_experiments(max_results=1)
+        except MlflowException as err:
+            raise UserError(
+                f"the MLflow tracking server at {uri} does not answer ({os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']}"
+                f" retries): start it, or point MLFLOW_TRACKING_URI / registry.tracking_uri at a running one. "
+                f"Nothing was registered or changed. ({str(err.message)[:200]})"
+            ) from None
+    return client, uri
 
 
 def _experiment_id(client, params: Params, uri: str) -> str:
@@ -172,14 +189,23 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
-
     number = str(model_version.version)
     aliases = [CHALLENGER]
-    client.set_registered_model_alias(name, CHALLENGER, number)
-    if current_alias_version(client, name, CHAMPION) is None:
-        client.set_registered_model_alias(name, CHAMPION, number)
-        aliases.append(CHAMPION)
+    previous_challenger = current_alias_version(client, name, CHALLENGER)
+    try:
+        client.set_registered_model_alias(name, CHALLENGER, number)
+        if current_alias_version(client, name, CHAMPION) is None:
+            client.set_registered_model_alias(name, CHAMPION, number)
+            aliases.append(CHAMPION)
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception:
+        # No half-registered model: a version without its alias would be invisible to promote; remove it.
+        with contextlib.suppress(Exception):
+            client.delete_model_version(name, number)
+            if previous_challenger is not None:
+                client.set_registered_model_alias(name, CHALLENGER, previous_challenger)
+            client.set_terminated(run_id, status="FAILED")
+        raise
     log.info("registered %s version %s (%s)", name, number, ", ".join(aliases))
     return {"name": name, "version": number, "run_id": run_id, "aliases": aliases, "new": True,
             "tracking_uri": uri}

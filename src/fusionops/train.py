@@ -6,8 +6,11 @@ Training returns the model and its history; it logs nothing to MLflow (registrat
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 from rich.progress import TextColumn
 from sklearn.metrics import f1_score
 
-from fusionops.atomic import atomic_dir
+from fusionops.atomic import atomic_dir, atomic_path
 from fusionops.config import TrainParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError
@@ -84,9 +87,47 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, text: torch.Tens
     return torch.cat(out)
 
 
-def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams, *,
-        modalities: tuple[str, ...], name: str = "fusion") -> tuple[torch.nn.Module, pd.DataFrame, dict]:
-    """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model."""
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path | None) -> dict | None:
+    """The last epoch's state, or None. weights_only: a checkpoint file can hold tensors, never code."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint costs a restart, never a wrong model
+        log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, err)
+        return None
+
+
+def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torch.Tensor, *, batch_size: int,
+                 device: torch.device, dtype) -> float:
+    model.train()
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        img, txt, y = (t[idx].to(device, non_blocking=True) for t in (data.image, data.text, data.y))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(img, txt), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(idx)
+    return total / len(order)
+
+
+def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams, *, modalities: tuple[str, ...],
+        name: str = "fusion", checkpoint: Path | None = None) -> tuple[torch.nn.Module, pd.DataFrame, dict]:
+    """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model.
+
+    With `checkpoint`, the state after every epoch (weights, optimizer, random generators, best so far) is saved
+    there, and a run that finds one continues from it: a killed run resumes and ends with the same model as an
+    uninterrupted one.
+    """
     generator = seed_everything(params.seed)
     device = resolve_device(params.device)
     dtype = head_dtype(device)
@@ -96,39 +137,57 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
-    best = {"epoch": 0, "val_macro_f1": -1.0, "state": None}
-    history = []
+    state = {"epoch": 0, "finished": False, "best": {"epoch": 0, "val_macro_f1": -1.0, "val_accuracy": 0.0},
+             "best_state": None, "history": "[]"}
+    saved = _load_checkpoint(checkpoint)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator
+        state = {k: saved[k] for k in state}
+        log.info("%s: resuming from the checkpoint after epoch %d", name, state["epoch"])
+    history = json.loads(state["history"])
     val_text = TextColumn("loss {task.fields[loss]:.3f}  val macro-F1 {task.fields[f1]:.3f}")
     with progress_bar(val_text, unit=None) as bar:
-        task = bar.add_task(f"train {name}", total=params.max_epochs, loss=float("nan"), f1=float("nan"))
-        for epoch in range(1, params.max_epochs + 1):
-            model.train()
-            order = torch.randperm(len(train.y), generator=generator)
-            total = 0.0
-            for start in range(0, len(order), params.batch_size):
-                idx = order[start:start + params.batch_size]
-                img, txt, y = (t[idx].to(device, non_blocking=True) for t in (train.image, train.text, train.y))
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = loss_fn(model(img, txt), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                total += loss.item() * len(idx)
-            val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
-            f1 = f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0)
-            acc = float((val_pred == val.y.numpy()).mean())
-            history.append({"variant": name, "epoch": epoch, "train_loss": total / len(order),
-                            "val_accuracy": acc, "val_macro_f1": f1})
-            bar.update(task, advance=1, loss=total / len(order), f1=f1)
-            if f1 > best["val_macro_f1"]:
-                best = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc,
-                        "state": copy.deepcopy(model.state_dict())}
-            elif epoch - best["epoch"] >= params.patience:
+        task = bar.add_task(f"train {name}", total=params.max_epochs, completed=state["epoch"], loss=float("nan"),
+                            f1=float("nan"))
+        for epoch in range(state["epoch"] + 1, params.max_epochs + 1):
+            if state["finished"]:
                 break
-    model.load_state_dict(best.pop("state"))
-    log.info("%s: best epoch %d of %d, val macro-F1 %.4f", name, best["epoch"], epoch, best["val_macro_f1"])
+            order = torch.randperm(len(train.y), generator=generator)
+            loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
+                                device=device, dtype=dtype)
+            val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
+            f1 = float(f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0))
+            acc = float((val_pred == val.y.numpy()).mean())
+            history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": acc, "val_macro_f1": f1})
+            bar.update(task, advance=1, loss=loss, f1=f1)
+            if f1 > state["best"]["val_macro_f1"]:
+                state["best"] = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc}
+                state["best_state"] = copy.deepcopy(model.state_dict())
+            state["epoch"] = epoch
+            state["finished"] = epoch - state["best"]["epoch"] >= params.patience or epoch == params.max_epochs
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, {
+                    **state, "history": json.dumps(history), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+    model.load_state_dict(state["best_state"])
+    best = state["best"]
+    log.debug("%s: best epoch %d of %d, val macro-F1 %.4f", name, best["epoch"], state["epoch"], best["val_macro_f1"])
     return model.cpu().eval(), pd.DataFrame(history), best
+
+
+def _run_key(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> str:
+    """What a checkpoint belongs to: the data, its vectors and every training parameter."""
+    h = hashlib.sha256()
+    h.update(pd.util.hash_pandas_object(prepared[["item_id", "label", "split"]], index=False).to_numpy().tobytes())
+    h.update(features.image.tobytes())
+    h.update(features.text.tobytes())
+    h.update(params.model_dump_json(exclude={"out_dir", "history", "checkpoint_dir", "device"}).encode())
+    return h.hexdigest()[:16]
 
 
 def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
@@ -141,9 +200,11 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
         raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
     train_data = split_data(prepared, features, labels, "train")
     val_data = split_data(prepared, features, labels, "val")
+    checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params)
     histories, summary = {}, {}
     for variant, modalities in VARIANTS.items():
-        model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant)
+        model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant,
+                                   checkpoint=checkpoints / f"{variant}.pt")
         config = {
             "head": params.head,
             "head_kwargs": {"image_dim": train_data.image.shape[1], "text_dim": train_data.text.shape[1],
@@ -162,7 +223,8 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
     # One file per variant, so `dvc plots show` draws one curve per variant.
     with atomic_dir(params.history) as tmp:
         for variant, history in histories.items():
-            history.drop(columns="variant").to_csv(tmp / f"{variant}.csv", index=False)
+            history.to_csv(tmp / f"{variant}.csv", index=False)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # every variant is saved: nothing left to resume
     return summary
 
 

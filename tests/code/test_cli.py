@@ -1,5 +1,6 @@
 """The console script as a person runs it: exit codes and messages, never a traceback for a user mistake."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,17 @@ def test_unusable_manifest_is_one_clear_line(tmp_path, content, needle):
     (tmp_path / "m.csv").write_bytes(content)
     result = run("validate", "--manifest", str(tmp_path / "m.csv"), "--images-root", str(tmp_path), cwd=ROOT)
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_doctor_passes_here_and_names_what_to_fix(project):
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    ok = run("doctor", cwd=project)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for check in ("packages", "encoders", "folders", "disk", "device", "mlflow"):
+        assert check in ok.stdout
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["features"]["image"]["weights"] = "weights/missing.pth"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    broken = run("doctor", cwd=project)
+    assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders" in broken.stderr
+    assert re.search(r"encoders\s*│\s*FAIL", broken.stdout) and "UserError" in broken.stdout

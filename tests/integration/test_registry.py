@@ -44,7 +44,7 @@ def world(tmp_path_factory, demo_manifest):
                      "artifacts_dir": str(root / "artifacts")},
         "promote": {"report": str(root / "promotion.md"), "n_resamples": 500},
     })
-    prepared = prepare(params.data, params.split)
+    prepared, _ = prepare(params.data, params.split, params.validate_)
     extract_features(prepared, data, params.features)
     features = load_features(params.features.out_dir)
     good = train(prepared, features, params.train.model_copy(update={"out_dir": root / "good"}))

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from fusionops.atomic import atomic_path, write_json
 
@@ -80,6 +81,20 @@ class VectorCache:
             np.savez(f, keys=np.asarray(keys, dtype="U64"), vectors=vectors)
         self._vectors.update(zip(keys, vectors, strict=True))
         self._loaded.add(name)
+
+    @contextlib.contextmanager
+    def writer(self):
+        """Hold the key space's write lock: a second extraction waits, then finds the vectors already cached."""
+        lock = FileLock(self.dir / ".write.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("another process is computing %s vectors: waiting for it", self.dir.name)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def get(self, keys: list[str]) -> np.ndarray:
         """Vectors for `keys`, in order; every key must be cached."""

@@ -81,11 +81,13 @@ def _through_cache(cache: VectorCache, keys: list[str], compute: Callable[[list[
     (so a killed run keeps every finished shard). Returns the vectors and how many were computed."""
     todo = cache.missing(keys)
     if todo:
-        with progress_bar(unit=unit) as bar:
-            task = bar.add_task(description, total=len(todo))
-            for start in range(0, len(todo), shard_size):
-                shard = todo[start:start + shard_size]
-                cache.put(shard, compute(shard, lambda n: bar.advance(task, n)))
+        with cache.writer():
+            todo = cache.missing(keys)  # what another process computed while this one waited is not redone
+            with progress_bar(unit=unit) as bar:
+                task = bar.add_task(description, total=len(todo))
+                for start in range(0, len(todo), shard_size):
+                    shard = todo[start:start + shard_size]
+                    cache.put(shard, compute(shard, lambda n: bar.advance(task, n)))
     return cache.get(keys), len(todo)
 
 
