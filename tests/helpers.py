@@ -97,3 +97,51 @@ def make_zoo(folder: Path, base: pd.DataFrame) -> tuple[Path, dict[str, str], li
     manifest = pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
     manifest.to_csv(folder / "manifest.csv", index=False)
     return folder / "manifest.csv", bad, odd
+
+
+def sh(*args: str, cwd: Path) -> str:
+    """Run a command with this interpreter's bin first on PATH; fail the test with its output if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def make_project(root: Path, data: Path, *, model_name: str, **overrides: dict) -> Path:
+    """A git + DVC project like a fresh clone after `make data`, holding `data` as data/raw."""
+    import sys
+
+    import yaml
+
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copyfile(ROOT / name, root / name)
+    shutil.copytree(ROOT / "src/fusionops", root / "src/fusionops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(data, root / "data/raw")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(max_epochs=30, patience=5)
+    params["registry"]["model_name"] = model_name
+    for section, values in overrides.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
+    sh(sys.executable, "-m", "dvc", "add", "-q", "data/raw", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "data v1", cwd=root)
+    return root
+
+
+def load_flow(name: str):
+    """A module of flows/ by file name (flows/ is a folder of scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "flows"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "flows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

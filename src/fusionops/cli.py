@@ -224,6 +224,38 @@ def predict(
 
 
 @app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="a batch folder (manifest + images), or an inbox of batch folders")],
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Check new labelled batches, append the good ones to the raw data and version it with DVC.
+
+    A bad batch is moved to retrain.quarantine with its report, and nothing else changes.
+    """
+    from fusionops.ingest import MANIFEST_NAMES, Batch, add_batches, check_batches, find_batches, quarantine
+
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    path = path.resolve()
+    manifest = next((path / n for n in MANIFEST_NAMES if (path / n).is_file()), None)
+    batches = [Batch(path.name, path, manifest)] if manifest else find_batches(path)
+    if not batches:
+        raise UserError(f"{path} holds no batch: a batch is a folder with a manifest.csv (or .parquet) and images")
+    good, bad = check_batches(batches, params)
+    for batch, report in bad:
+        where = quarantine(batch, report, params.retrain.quarantine)
+        err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{report.summary()}", markup=False)
+    result = add_batches(good, params, root)
+    for name, rows in result["appended"].items():
+        out.print(f"batch {name}: {rows} rows appended to {_rel(params.data.manifest)}")
+    if result["versioned"]:
+        pushed = ", pushed to the DVC remote" if result["versioned"]["pushed"] else ""
+        out.print(f"new data version in {result['versioned']['dvc_file']}{pushed}; run the pipeline to train on it")
+    if bad:
+        raise DataError(f"{len(bad)} of {len(batches)} batch(es) quarantined")
+
+
+@app.command()
 def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Check this machine: packages, weights, encoders, folders, disk, GPU, MLflow, DVC; say what to fix."""
     from rich.table import Table

@@ -130,6 +130,30 @@ class PromoteParams(Section):
     report: Path = Path("reports/promotion.md")
 
 
+class DriftParams(Section):
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise: each of the tests uses alpha / n_tests")
+    reference_items: int = Field(500, ge=10, description="training items sampled as the reference")
+    permutations: int = Field(200, ge=50)
+    seed: int = 0
+
+
+class RetrainParams(Section):
+    inbox: Path = Field(Path("data/inbox"), description="new labelled batches: one folder each, with a manifest")
+    quarantine: Path = Path("data/quarantine")
+    processed: Path = Path("data/processed")
+    min_new_items: int = Field(1, ge=1, description="retrain when at least this many new items were added")
+    drift_policy: Literal["ignore", "require", "force"] = Field(
+        "ignore", description="ignore: report drift only; require: retrain only on drift; force: drift retrains "
+                              "even below min_new_items")
+    drift: DriftParams = DriftParams()
+
+
+class ScheduleParams(Section):
+    cron: str = Field("0 2 * * *", description="when the retrain deployment runs")
+    timezone: str = "UTC"
+    deployment: str = "nightly"
+
+
 class Params(Section):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
@@ -139,6 +163,8 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     promote: PromoteParams = PromoteParams()
+    retrain: RetrainParams = RetrainParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _digest: str | None = PrivateAttr(None)

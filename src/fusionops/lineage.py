@@ -22,28 +22,31 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
     return sha.stdout.strip(), bool(status.stdout.strip())
 
 
-def data_version(root: Path, data_dir: Path) -> str | None:
-    """The DVC hash of `data_dir` the stages used (dvc.lock), else the one in its .dvc file.
+def data_version(root: Path, data_dir: Path, *, used: bool = True) -> str | None:
+    """The DVC hash of `data_dir`: by default the one the stages used (dvc.lock), else the one in its .dvc file.
 
-    dvc.lock comes first: it records what the pipeline actually read, even when data/raw changed since the last
-    `dvc add` (then the two differ, and a warning says so).
+    dvc.lock comes first for a model's lineage: it records what the pipeline actually read, even when data/raw
+    changed since the last `dvc add` (then the two differ, and a warning says so). `used=False` asks for the newest
+    version added (the .dvc file), as after an ingest.
     """
     root = Path(root).resolve()
     data_dir = Path(data_dir).resolve()
     rel = data_dir.relative_to(root).as_posix() if data_dir.is_relative_to(root) else str(data_dir)
-    used = added = None
+    in_lock = added = None
     lock = root / "dvc.lock"
     if lock.is_file():
         for stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
             for dep in stage.get("deps", []):
                 if dep.get("path") == rel:
-                    used = dep.get("md5")
+                    in_lock = dep.get("md5")
     dvc_file = data_dir.with_name(data_dir.name + ".dvc")
     if dvc_file.is_file():
         for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
             if out.get("path") == data_dir.name:
                 added = out.get("md5")
-    if used and added and used != added:
-        log.warning("%s changed since `dvc add` (%s in %s, %s in dvc.lock): run `dvc add %s` to version it",
-                    rel, added, dvc_file.name, used, rel)
-    return used or added
+    if not used:
+        return added or in_lock
+    if in_lock and added and in_lock != added:
+        log.warning("%s in dvc.lock (%s) is not its latest version in %s (%s): `dvc add %s` / `dvc repro`",
+                    rel, in_lock, dvc_file.name, added, rel)
+    return in_lock or added

@@ -99,14 +99,17 @@ def test_validate_a_manifest_lists_every_bad_row_once(zoo, tmp_path):
 
 def test_validate_batch_mode(zoo, tmp_path):
     folder, manifest, _, odd = zoo
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(manifest=str(manifest), prepared=str(tmp_path / "none.csv"))  # the current dataset
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     batch = rows[rows["item_id"].isin(odd)]
     batch.to_csv(tmp_path / "batch.csv", index=False)
     args = ("validate", "--manifest", str(tmp_path / "batch.csv"), "--images-root", str(folder), "--mode", "batch")
-    ok = run(*args, cwd=ROOT)
+    ok = run(*args, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     batch.assign(category="Spaceships").to_csv(tmp_path / "batch.csv", index=False)
-    refused = run(*args, cwd=ROOT)
+    refused = run(*args, cwd=tmp_path)
     assert refused.returncode == 2 and "unknown label 'Spaceships'" in refused.stderr
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,45 +11,19 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import sh
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "fusionops-test"
-
-
-def sh(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def load_flow_module():
-    spec = importlib.util.spec_from_file_location("training_pipeline", ROOT / "flows/training_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, slice_dir):
     """A git + DVC project like a fresh clone after `make data`, holding the slice as data/raw."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copyfile(ROOT / name, root / name)
-    shutil.copytree(ROOT / "src/fusionops", root / "src/fusionops", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(slice_dir, root / "data/raw")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(max_epochs=30, patience=5)
-    params["registry"]["model_name"] = MODEL_NAME
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from helpers import make_project
 
-    sh("git", "init", "-q", "-b", "main", cwd=root)
-    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
-    sh(sys.executable, "-m", "dvc", "add", "-q", "data/raw", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "data v1", cwd=root)
-
+    root = make_project(tmp_path_factory.mktemp("project"), slice_dir, model_name=MODEL_NAME)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     yield root
@@ -64,7 +35,9 @@ def project(tmp_path_factory, slice_dir):
 
 @pytest.fixture(scope="module")
 def flow_module():
-    return load_flow_module()
+    from helpers import load_flow
+
+    return load_flow("training_pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,10 @@ class VectorCache:
         self._refresh()
         return np.stack([self._vectors[k] for k in keys]) if keys else np.empty((0, self.dim), np.float32)
 
+    def keys(self) -> set[str]:
+        self._refresh()
+        return set(self._vectors)
+
     def __len__(self) -> int:
         self._refresh()
         return len(self._vectors)

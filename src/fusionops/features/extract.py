@@ -74,6 +74,11 @@ class FeatureSet:
     text: np.ndarray
     encoders: dict[str, dict]
 
+    def select(self, rows: np.ndarray) -> FeatureSet:
+        """The vectors of some rows (a boolean mask or indices), still aligned."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        return FeatureSet([self.item_ids[i] for i in rows], self.image[rows], self.text[rows], self.encoders)
+
 
 def _through_cache(cache: VectorCache, keys: list[str], compute: Callable[[list[str], Callable], np.ndarray], *,
                    shard_size: int, description: str, unit: str) -> tuple[np.ndarray, int]:

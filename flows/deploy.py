@@ -1,0 +1,39 @@
+"""Serve the retrain flow as a deployment on the schedule in params.yaml (schedule.cron, schedule.timezone).
+
+    prefect server start                               # a real API server (schedules need one)
+    PREFECT_API_URL=http://127.0.0.1:4200/api python flows/deploy.py [--project-dir DIR]
+
+It keeps running: its runner starts a flow run at every cron tick (and for every `prefect deployment run
+'retrain/nightly'`). Watch runs, logs and the retrain-report artifacts in the UI at http://127.0.0.1:4200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefect.schedules import Cron
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrain import retrain  # noqa: E402
+
+
+def serve(project_dir: Path) -> None:
+    from fusionops.config import load_params
+
+    project_dir = project_dir.resolve()
+    schedule = load_params(project_dir / "params.yaml").schedule
+    retrain.serve(
+        name=schedule.deployment,
+        schedule=Cron(schedule.cron, timezone=schedule.timezone),
+        parameters={"project_dir": str(project_dir)},
+        description=f"Nightly retraining of {project_dir}: ingest, version, drift, train, promote.",
+        tags=["fusionops"],
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", type=Path, default=Path("."), help="folder with dvc.yaml and params.yaml")
+    serve(parser.parse_args().project_dir)

@@ -1,0 +1,149 @@
+"""Prefect flow: what runs every night. New labelled batches in, a new data version, maybe a new champion out.
+
+1. picks up new batches from retrain.inbox (one folder each: a manifest + its images);
+2. validates each on its own (batch mode); a bad batch goes to retrain.quarantine with its report;
+3. appends the good ones to the raw data and versions it with DVC (`dvc add`, `dvc push` with a remote);
+4. measures drift of the new items against the training data (labels, text length, images, embeddings);
+5. runs training_pipeline when retrain.min_new_items / retrain.drift_policy say so, and the gate decides;
+6. with no new data, records that and trains nothing.
+
+    python flows/retrain.py [--project-dir DIR]        # once, now
+    python flows/deploy.py                             # on schedule.cron, as a deployment
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
+from training_pipeline import pipeline_lock, training_pipeline  # noqa: E402
+
+
+def _params(project_dir: Path):
+    from fusionops.config import load_params
+
+    return load_params(project_dir / "params.yaml")
+
+
+@task
+def find_batches(project_dir: Path) -> list:
+    from fusionops.ingest import find_batches as find
+
+    return find(_params(project_dir).retrain.inbox)
+
+
+@task
+def check_batches(project_dir: Path, batches: list) -> tuple[list, list]:
+    """Batch-mode validation of each batch on its own; bad ones are quarantined with their report."""
+    from fusionops.ingest import check_batches as check
+    from fusionops.ingest import quarantine
+
+    params = _params(project_dir)
+    good, bad = check(batches, params)
+    quarantined = [{"batch": batch.name, "folder": str(quarantine(batch, report, params.retrain.quarantine)),
+                    "problems": [str(p) for p in report.problems[:20]], "problem_count": len(report.problems)}
+                   for batch, report in bad]
+    return good, quarantined
+
+
+@task(retries=1, retry_delay_seconds=5)
+def measure_drift(project_dir: Path, batches: list) -> dict | None:
+    """New items against the training items. Their vectors go through the feature cache, so the features stage
+    of the training run that may follow computes nothing again."""
+    import pandas as pd
+
+    from fusionops.data.manifest import read_manifest, to_canonical
+    from fusionops.drift import drift_report
+    from fusionops.features import extract_features, load_features
+
+    params = _params(project_dir)
+    if not (Path(params.features.out_dir) / "meta.json").is_file() or not Path(params.data.prepared).is_file():
+        return None  # nothing trained yet: there is no reference to compare with
+    prepared = read_manifest(params.data.prepared)
+    train = (prepared["split"] == "train").to_numpy()
+    new = pd.concat([to_canonical(b.rows, params.data, source=b.manifest).assign(
+        image=lambda df, b=b: [str(b.folder / p) for p in df["image"]]) for b in batches], ignore_index=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        extract_features(new, Path("/"), params.features.model_copy(update={"out_dir": Path(tmp) / "features"}))
+        new_features = load_features(Path(tmp) / "features")
+    return drift_report(prepared[train].reset_index(drop=True), load_features(params.features.out_dir).select(train),
+                        params.data.images_root, new, new_features, Path("/"), params.retrain.drift)
+
+
+@task
+def add_batches(project_dir: Path, batches: list) -> dict:
+    """Append to the raw data, archive the batches, `dvc add` (and `dvc push` when a remote is configured)."""
+    from fusionops.ingest import add_batches as add
+
+    return add(batches, _params(project_dir), project_dir)
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# retrain: {result['decision']}", "", result["reason"] + ".", ""]
+    if result["appended"]:
+        lines += ["| batch | rows added |", "|---|---|"]
+        lines += [f"| {name} | {rows} |" for name, rows in result["appended"].items()] + [""]
+    for q in result["quarantined"]:
+        lines += [f"**Quarantined** `{q['batch']}` ({q['problem_count']} problem(s)) in `{q['folder']}`:", ""]
+        lines += [f"- {p}" for p in q["problems"]] + [""]
+    drift = result.get("drift")
+    if drift:
+        lines += [f"Drift: **{'yes' if drift['drift'] else 'no'}** ({drift['new_items']} new vs "
+                  f"{drift['reference_items']} training items; each test at p < {drift['threshold']:.4f})", "",
+                  "| test | statistic | p-value | drift |", "|---|---|---|---|"]
+        lines += [f"| {name} ({t['test']}) | {t['statistic']} | {t['p_value']:.4g} | {'yes' if t['drift'] else 'no'} |"
+                  for name, t in drift["tests"].items()] + [""]
+    lines.append(f"Data version (DVC): `{result['data_version']}`.")
+    training = result.get("training")
+    if training:
+        gate, test = training["promotion"], training["metrics"]["test"]
+        lines += ["", f"Trained: test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
+                      f"model version {training['registered']['version']}; gate: **{gate['decision']}** "
+                      f"(champion: version {gate['champion']}). {gate['reason']}."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project_dir: Path = Path(".")) -> dict:
+    """Ingest new batches, version the data, check drift, retrain when params say so, let the gate decide."""
+    from fusionops.drift import retrain_decision
+    from fusionops.lineage import data_version
+
+    project_dir = Path(project_dir).resolve()
+    params = _params(project_dir)
+    result = {"appended": {}, "quarantined": [], "drift": None, "training": None}
+    with pipeline_lock(project_dir):  # released before training: training_pipeline takes it itself
+        batches = find_batches(project_dir)
+        if batches:
+            good, result["quarantined"] = check_batches(project_dir, batches)
+            if good:
+                result["drift"] = measure_drift(project_dir, good)
+                added = add_batches(project_dir, good)
+                result["appended"] = added["appended"]
+    new_items = sum(result["appended"].values())
+    drift = result["drift"]["drift"] if result["drift"] else None
+    retrain_now, reason = retrain_decision(new_items, drift, params.retrain)
+    if not batches:
+        reason = f"no new batch in {params.retrain.inbox}: nothing to train"
+    elif not result["appended"]:
+        reason = f"every batch was quarantined: {reason}"
+    result["decision"], result["reason"] = ("retrained" if retrain_now else "not retrained"), reason
+    if retrain_now:
+        result["training"] = training_pipeline(project_dir=project_dir)
+    result["data_version"] = data_version(project_dir, params.data.images_root, used=False)
+    create_markdown_artifact(_markdown(result), key="retrain-report",
+                             description="batches, quarantine, drift, data version, training and gate")
+    print(f"retrain: {result['decision']} ({reason})")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", type=Path, default=Path("."), help="folder with dvc.yaml and params.yaml")
+    retrain(project_dir=parser.parse_args().project_dir)

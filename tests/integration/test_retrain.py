@@ -1,0 +1,192 @@
+"""Scheduled retraining over versioned data: real batches, real DVC, real MLflow, a real Prefect API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import ROOT, load_flow, make_project, sh, take_slice, write_dataset
+
+pytestmark = pytest.mark.integration
+MODEL_NAME = "retrain-test"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, slice_dir):
+    root = make_project(tmp_path_factory.mktemp("retrain"), slice_dir, model_name=MODEL_NAME)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield root
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def flows():
+    return load_flow("retrain")
+
+
+def put_batch(project: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """A batch folder in the inbox, as a labeller would drop it: manifest.csv + the images it names."""
+    staging = project / "staging" / name
+    write_dataset(rows, staging)
+    inbox = project / "data/inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), inbox / name)  # a complete batch appears at once
+    return rows
+
+
+def raw_version(project: Path) -> str:
+    return yaml.safe_load((project / "data/raw.dvc").read_text())["outs"][0]["md5"]
+
+
+def cached_items(project: Path) -> dict[str, set[str]]:
+    """The content keys in the feature cache, per modality."""
+    from fusionops.features.cache import VectorCache
+
+    spaces = {}
+    for meta in (project / ".cache/features").glob("*/encoder.json"):
+        image = meta.parent.name.startswith("tf_")
+        cache = VectorCache(meta.parent.parent, meta.parent.name, dim=1280 if image else 384)
+        spaces["image" if image else "text"] = cache.keys()
+    return spaces
+
+
+def mlflow_client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_harness, project, flows, demo_manifest):
+    """Four nights: a good batch, another good batch, a bad batch, an empty inbox."""
+    first = put_batch(project, "2026-11-01", take_slice(demo_manifest, 3, skip_groups=20))
+    nights = {"first": flows.retrain(project_dir=project), "version_1": raw_version(project),
+              "cache_1": cached_items(project)}
+    second = put_batch(project, "2026-11-02", take_slice(demo_manifest, 3, skip_groups=30))
+    nights["second"] = flows.retrain(project_dir=project)
+    nights["version_2"], nights["cache_2"] = raw_version(project), cached_items(project)
+    nights["champion_before_bad"] = str(mlflow_client().get_model_version_by_alias(MODEL_NAME, "champion").version)
+    bad = take_slice(demo_manifest, 1, skip_groups=50)
+    put_batch(project, "2026-11-03", bad)
+    (project / "data/inbox/2026-11-03" / bad["image"].iloc[0]).unlink()  # one image never arrived
+    nights["bad"] = flows.retrain(project_dir=project)
+    nights["version_3"] = raw_version(project)
+    nights["empty"] = flows.retrain(project_dir=project)
+    nights["batches"] = {"first": first, "second": second, "bad": bad}
+    return nights
+
+
+def test_good_batches_are_appended_versioned_and_trained_on(runs, project):
+    for night, batch in (("first", "2026-11-01"), ("second", "2026-11-02")):
+        result = runs[night]
+        assert result["decision"] == "retrained" and result["appended"] == {batch: 24}
+        assert result["training"]["stages"]["train"] == "ran"
+        assert (project / "data/processed" / batch / "ingested.json").is_file()
+    manifest = pd.read_csv(project / "data/raw/manifest.csv")
+    assert len(manifest) == 120 + 24 + 24
+    assert set(runs["batches"]["second"]["item_id"]) <= set(manifest["item_id"])
+    assert (project / "data/raw" / manifest["image"].iloc[-1]).is_file()
+
+
+def test_second_retrain_computes_features_for_new_items_only(runs, project):
+    from fusionops.features.cache import content_key
+
+    new = runs["batches"]["second"]
+    folder = project / "data/processed/2026-11-02"
+    contents = {"image": {content_key((folder / p).read_bytes()) for p in new["image"]},
+                "text": {content_key(t) for t in new["text"]}}
+    for modality, keys in contents.items():
+        computed = runs["cache_2"][modality] - runs["cache_1"][modality]
+        assert computed == keys - runs["cache_1"][modality], modality  # exactly the new contents, nothing else
+        assert computed, modality
+
+
+def test_each_model_version_carries_its_own_data_version(runs):
+    assert runs["version_1"] != runs["version_2"]
+    client = mlflow_client()
+    tags = {v: client.get_model_version(MODEL_NAME, runs[n]["training"]["registered"]["version"]).tags["data_version"]
+            for v, n in (("version_1", "first"), ("version_2", "second"))}
+    assert tags == {"version_1": runs["version_1"], "version_2": runs["version_2"]}
+
+
+def test_drift_is_measured_against_the_training_data(runs):
+    assert runs["first"]["drift"] is None  # nothing trained before: no reference
+    drift = runs["second"]["drift"]
+    assert set(drift["tests"]) == {"labels", "text_length", "image_brightness", "embeddings"}
+    assert all(0 <= t["p_value"] <= 1 for t in drift["tests"].values())
+    assert drift["new_items"] == 24
+
+
+def test_bad_batch_is_quarantined_and_nothing_changes(runs, project):
+    bad = runs["bad"]
+    assert bad["decision"] == "not retrained" and bad["appended"] == {}
+    assert [q["batch"] for q in bad["quarantined"]] == ["2026-11-03"]
+    assert any("not found" in p for p in bad["quarantined"][0]["problems"])
+    assert (project / "data/quarantine/2026-11-03/validation.json").is_file()
+    assert runs["version_3"] == runs["version_2"]
+    champion = str(mlflow_client().get_model_version_by_alias(MODEL_NAME, "champion").version)
+    assert champion == runs["champion_before_bad"]
+
+
+def test_empty_inbox_trains_nothing(runs):
+    assert runs["empty"]["decision"] == "not retrained" and "no new batch" in runs["empty"]["reason"]
+    assert runs["empty"]["training"] is None
+
+
+def test_dvc_is_clean_after_the_flows(runs, project):
+    assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+
+
+def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path):
+    rows = take_slice(demo_manifest, 1, skip_groups=60).assign(category="Spaceships")
+    batch = write_dataset(rows, tmp_path / "batch")
+    before = raw_version(project)
+    result = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown label 'Spaceships'" in result.stderr
+    assert raw_version(project) == before and not batch.exists()
+
+
+def test_deployment_runs_on_a_real_prefect_api(prefect_harness, tmp_path):
+    """flows/deploy.py serves retrain with the cron of params.yaml; one run triggered through the API completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "flows/deploy.py"), "--project-dir", str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        name = f"retrain/{params['schedule']['deployment']}"
+        deadline = time.time() + 120
+        with get_client(sync_client=True) as client:
+            while True:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                try:
+                    deployment = client.read_deployment_by_name(name)
+                    break
+                except Exception:
+                    assert time.time() < deadline, "the deployment never appeared"
+                    time.sleep(1)
+        assert [s.schedule.cron for s in deployment.schedules] == [params["schedule"]["cron"]]
+        run = run_deployment(name, timeout=300, poll_interval=2)
+        assert run.state.is_completed(), run.state
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
