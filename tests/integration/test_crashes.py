@@ -144,3 +144,35 @@ def test_unreachable_tracking_server_is_a_clear_error(project):
     assert result.returncode == 1
     assert "does not answer" in result.stderr and "Traceback" not in result.stderr
     assert time.time() - start < 60  # bounded retries, not MLflow's default minutes
+
+
+_HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_second_pipeline_run_waits_for_the_first(prefect_harness, tmp_path):
+    """The flow's per-project lock: while another run holds it, a run waits (and says so) instead of colliding."""
+    from prefect import flow
+
+    from helpers import load_flow
+
+    pipeline = load_flow("training_pipeline")
+    lock = tmp_path / ".cache" / "pipeline.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock), "4"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+
+    @flow
+    def second_run() -> float:
+        start = time.time()
+        with pipeline.pipeline_lock(tmp_path):
+            return time.time() - start
+
+    waited = second_run()
+    holder.wait(timeout=30)
+    assert waited > 2  # it waited for the first run to let go, rather than running beside it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,13 +39,27 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.sources[i], self.background))
 
 
+def aligned_batches(n: int, batch_size: int, shard_size: int) -> list[list[int]]:
+    """Batches of at most batch_size that never straddle a shard: a resumed run (which starts at a shard boundary)
+    then forms exactly the batches an uninterrupted run forms, and computes exactly the same vectors."""
+    return [list(range(b, min(b + batch_size, s + shard_size, n)))
+            for s in range(0, n, shard_size) for b in range(s, min(s + shard_size, n), batch_size)]
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers fork the process: safe in a single-threaded command, not beside other threads (a Prefect
+    task, a web server), where a forked worker can inherit a held lock and die. There, decode in-process."""
+    return requested if threading.active_count() == 1 else 0
+
+
 def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *, batch_size: int,
-                       num_workers: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[np.ndarray]:
-    """Yield float32 vectors batch by batch, in the order of `sources`."""
+                       num_workers: int, device: torch.device, dtype: torch.dtype | None,
+                       shard_size: int | None = None) -> Iterator[np.ndarray]:
+    """Yield float32 vectors batch by batch, in the order of `sources` (one DataLoader, its workers kept busy)."""
     model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
     loader = torch.utils.data.DataLoader(
-        _Images(sources, encoder), batch_size=batch_size, num_workers=num_workers,
-        pin_memory=device.type == "cuda", shuffle=False,
+        _Images(sources, encoder), num_workers=loader_workers(num_workers), pin_memory=device.type == "cuda",
+        batch_sampler=aligned_batches(len(sources), batch_size, shard_size or len(sources) or 1),
     )
     with torch.inference_mode():
         for batch in loader:
@@ -80,19 +95,26 @@ class FeatureSet:
         return FeatureSet([self.item_ids[i] for i in rows], self.image[rows], self.text[rows], self.encoders)
 
 
-def _through_cache(cache: VectorCache, keys: list[str], compute: Callable[[list[str], Callable], np.ndarray], *,
+def _through_cache(cache: VectorCache, keys: list[str], compute: Callable[[list[str]], Iterator[np.ndarray]], *,
                    shard_size: int, description: str, unit: str) -> tuple[np.ndarray, int]:
-    """Vectors for `keys`: cached ones read, missing ones computed and stored shard by shard as they complete
-    (so a killed run keeps every finished shard). Returns the vectors and how many were computed."""
+    """Vectors for `keys`: cached ones read, missing ones computed (in order, by `compute`) and stored shard by
+    shard as they complete, so a killed run keeps every finished shard. Returns the vectors and the count computed."""
     todo = cache.missing(keys)
     if todo:
         with cache.writer():
             todo = cache.missing(keys)  # what another process computed while this one waited is not redone
             with progress_bar(unit=unit) as bar:
                 task = bar.add_task(description, total=len(todo))
-                for start in range(0, len(todo), shard_size):
-                    shard = todo[start:start + shard_size]
-                    cache.put(shard, compute(shard, lambda n: bar.advance(task, n)))
+                pending, stored = [], 0
+                for out in compute(todo):
+                    pending.append(out)
+                    bar.advance(task, len(out))
+                    ready = np.concatenate(pending)
+                    while len(ready) >= shard_size or (stored + len(ready) == len(todo) and len(ready)):
+                        n = min(shard_size, len(ready))
+                        cache.put(todo[stored:stored + n], ready[:n])
+                        stored, ready = stored + n, ready[n:]
+                    pending = [ready]
     return cache.get(keys), len(todo)
 
 
@@ -124,9 +146,9 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     # The key space is the encoder id plus the precision: bf16 vectors are close to fp32 ones, not equal.
     cache = VectorCache(params.cache_dir, f"{image_encoder.id}-{precision}", dim=image_encoder.dim)
     image, computed = _through_cache(
-        cache, keys, lambda shard, advance: encode_images(
-            image_encoder, [first_path[k] for k in shard], batch_size=params.batch_size,
-            num_workers=params.num_workers, device=device, dtype=dtype, on_batch=advance),
+        cache, keys, lambda todo: iter_image_vectors(
+            image_encoder, [first_path[k] for k in todo], batch_size=params.batch_size,
+            num_workers=params.num_workers, device=device, dtype=dtype, shard_size=params.shard_size),
         shard_size=params.shard_size, description="image vectors", unit="img")
     stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(keys)) - computed,
                       "seconds": round(time.perf_counter() - t0, 2)}
@@ -138,9 +160,10 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     text_encoder = build_text_encoder(params.text)
     cache = VectorCache(params.cache_dir, f"{text_encoder.id}-{precision}", dim=text_encoder.dim)
     text, computed = _through_cache(
-        cache, keys, lambda shard, advance: text_encoder.encode(
-            [by_key[k] for k in shard], batch_size=params.batch_size, device=device, autocast_dtype=dtype,
-            on_batch=advance),
+        cache, keys, lambda todo: (
+            text_encoder.encode([by_key[k] for k in todo[s:s + params.shard_size]], batch_size=params.batch_size,
+                                device=device, autocast_dtype=dtype)
+            for s in range(0, len(todo), params.shard_size)),
         shard_size=params.shard_size, description="text vectors", unit="texts")
     stats["text"] = {"items": len(df), "computed": computed, "cached": len(by_key) - computed,
                      "seconds": round(time.perf_counter() - t0, 2)}
