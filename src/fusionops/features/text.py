@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,27 @@ def _weights_digest(folder: Path) -> str:
 
 @dataclass
 class TextEncoder:
-    tokenizer: object
-    model: torch.nn.Module
+    folder: Path
     pooling: str
     max_length: int
     id: str
     dim: int
     weights_sha256: str
+
+    # Loaded on first use: a run whose texts are all cached never pays for it.
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder)
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return AutoModel.from_pretrained(self.folder).eval()
 
     @torch.inference_mode()
     def encode(self, texts: list[str], *, batch_size: int = 256, device: torch.device | str = "cpu",
@@ -83,26 +99,19 @@ class TextEncoder:
 
 
 def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
-    """Load tokenizer and encoder from a local folder (HF_HUB_OFFLINE keeps transformers off the network)."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
+    """A text encoder from a local folder; its id and size come from the files, the model loads when first used
+    (HF_HUB_OFFLINE keeps transformers off the network)."""
     folder = _model_dir(params.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
     name = "all-MiniLM-L6-v2" if params.model == "package" else folder.name
     tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
     config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
               "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files]}
     weights_sha256 = _weights_digest(folder)
     return TextEncoder(
-        tokenizer=tokenizer,
-        model=model,
+        folder=folder,
         pooling=params.pooling,
         max_length=params.max_length,
         id=encoder_id(name, weights_sha256, config),
-        dim=model.config.hidden_size,
+        dim=int(json.loads((folder / "config.json").read_text())["hidden_size"]),
         weights_sha256=weights_sha256,
     )

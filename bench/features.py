@@ -1,0 +1,145 @@
+"""Feature extraction speed and precision on the demo data, every figure measured in this one run.
+
+    python bench/features.py [--json] [--params params.yaml]
+
+Needs the prepared manifest (`make demo` or `dvc repro prepare`). Uses temporary caches: the project's cache is
+neither read nor changed. The last line of output is a JSON object:
+
+  end_to_end_img_s       decode + preprocess + forward + cache write, cold cache (the features stage's image part)
+  forward_ceiling_img_s  the same backbone's forward alone, on pre-decoded tensors, at the best precision
+  naive_fp32_img_s       a per-image PIL + fp32 NCHW loop, batch size 1, as tutorial code does
+  ratio_vs_ceiling       end_to_end / ceiling (goal >= 0.85)
+  speedup_vs_naive       end_to_end / naive (goal >= 3)
+  warm_rerun_speedup     cold run time / unchanged re-run time, both modalities (goal >= 50)
+  incremental_10pct_cost_ratio  time to add 10% new items / cold time (goal <= 0.15)
+  bf16_cosine_min/mean   cosine between bf16 and fp32 image vectors, over every demo image
+  test_accuracy_fp32/bf16  the fusion head trained on each vector set, demo test split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusionops.config import load_params
+from fusionops.data.manifest import read_manifest
+from fusionops.device import autocast_dtype, precision_name, resolve_device
+from fusionops.features import extract_features, load_features
+from fusionops.features.extract import loader_workers
+from fusionops.features.image import build_image_encoder, load_rgb
+from fusionops.features.text import build_text_encoder
+from fusionops.train import fit, predict_logits, split_data
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def forward_ceiling(encoder, paths: list[Path], batch_size: int, dtype, device) -> float:
+    """The same images, decoded and preprocessed beforehand (uint8, as the workers produce them): what is left is
+    the model. Same images and about as long as the end-to-end run, so machine noise hits both alike."""
+    model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
+    pixels = [encoder.pixels(load_rgb(p, encoder.background)) for p in paths]
+    batches = [encoder.normalize(torch.stack(pixels[i:i + batch_size])).contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(pixels), batch_size)]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        model(batches[0].to(device))  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            model(batch.to(device)).float().cpu()
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def naive_fp32(encoder, paths: list[Path]) -> float:
+    """One image at a time, fp32, NCHW, decoded in the loop."""
+    from PIL import Image
+
+    model = encoder.model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
+    with torch.no_grad():
+        model(encoder.transform(Image.open(paths[0]).convert("RGB")).unsqueeze(0))  # warm-up
+        start = time.perf_counter()
+        for path in paths:
+            model(encoder.transform(Image.open(path).convert("RGB")).unsqueeze(0))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def head_accuracy(prepared, features, train_params) -> float:
+    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
+    tr, va, te = (split_data(prepared, features, labels, s) for s in ("train", "val", "test"))
+    model, _, _ = fit(tr, va, len(labels), train_params, modalities=("image", "text"))
+    return float((predict_logits(model, te.image, te.text).argmax(1) == te.y).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    prepared = read_manifest(params.data.prepared)
+    root = Path(params.data.images_root)
+    device = resolve_device(params.features.device)
+    dtype = autocast_dtype(device, params.features.precision)
+    result: dict = {"items": len(prepared), "device": device.type, "precision": precision_name(dtype),
+                    "batch_size": params.features.batch_size,
+                    "num_workers": loader_workers(params.features.num_workers)}
+
+    # Imports and weight hashing happen once per process: done here, so the cold run times extraction itself.
+    build_image_encoder(params.features.image)
+    build_text_encoder(params.features.text)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+
+        def run(df, cache: str, **overrides):
+            settings = params.features.model_copy(update={"cache_dir": tmp / cache, "out_dir": tmp / f"out-{cache}",
+                                                          **overrides})
+            return timed(extract_features, df, root, settings)
+
+        cold, stats = run(prepared, "cold")
+        result["distinct_images"] = stats["image"]["computed"]
+        result["end_to_end_img_s"] = round(stats["image"]["computed"] / stats["image"]["seconds"], 1)
+        warm, stats = run(prepared, "cold")
+        assert stats["image"]["computed"] == stats["text"]["computed"] == 0
+        result.update(cold_s=round(cold, 2), warm_s=round(warm, 3), warm_rerun_speedup=round(cold / warm, 1))
+
+        cut = int(len(prepared) * 0.9)
+        run(prepared.iloc[:cut], "incremental")
+        incremental, stats = run(prepared, "incremental")
+        result.update(incremental_10pct_s=round(incremental, 2), incremental_computed=stats["image"]["computed"],
+                      incremental_10pct_cost_ratio=round(incremental / cold, 3))
+
+        bf16 = load_features(tmp / "out-cold")
+        run(prepared, "fp32", precision="fp32")
+        fp32 = load_features(tmp / "out-fp32")
+    norms = np.linalg.norm(bf16.image, axis=1) * np.linalg.norm(fp32.image, axis=1)
+    cosine = (bf16.image * fp32.image).sum(1) / norms
+    result.update(bf16_cosine_min=round(float(cosine.min()), 5), bf16_cosine_mean=round(float(cosine.mean()), 5))
+    result["test_accuracy_bf16"] = round(head_accuracy(prepared, bf16, params.train), 4)
+    result["test_accuracy_fp32"] = round(head_accuracy(prepared, fp32, params.train), 4)
+
+    encoder = build_image_encoder(params.features.image)
+    paths = [root / p for p in prepared["image"].drop_duplicates()]
+    ceiling = forward_ceiling(encoder, paths, params.features.batch_size, dtype, device)
+    result["forward_ceiling_img_s"] = round(ceiling, 1)
+    result["naive_fp32_img_s"] = round(naive_fp32(encoder, paths[:512]), 1)
+    result["ratio_vs_ceiling"] = round(result["end_to_end_img_s"] / result["forward_ceiling_img_s"], 3)
+    result["speedup_vs_naive"] = round(result["end_to_end_img_s"] / result["naive_fp32_img_s"], 2)
+    result["goals"] = {"ratio_vs_ceiling": ">= 0.85", "speedup_vs_naive": ">= 3", "warm_rerun_speedup": ">= 50",
+                       "incremental_10pct_cost_ratio": "<= 0.15", "bf16_cosine_min": ">= 0.99"}
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>30}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
