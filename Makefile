@@ -47,4 +47,4 @@ lint: install ## ruff
 	$(BIN)/ruff check src flows tests bench
 
 clean: ## remove pipeline outputs (keeps .venv, the feature cache and the MLflow store)
-	rm -rf data/prepared data/features models
+	rm -rf data/prepared/*.csv data/features models

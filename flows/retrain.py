@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
-from training_pipeline import pipeline_lock, training_pipeline  # noqa: E402
+from training_pipeline import training_pipeline  # noqa: E402
 
 
 def _params(project_dir: Path):
@@ -52,10 +52,11 @@ def check_batches(project_dir: Path, batches: list) -> tuple[list, list]:
     return good, quarantined
 
 
-@task(retries=1, retry_delay_seconds=5)
+@task
 def measure_drift(project_dir: Path, batches: list) -> dict | None:
     """New items against the training items. Their vectors go through the feature cache, so the features stage
-    of the training run that may follow computes nothing again."""
+    of the training run that may follow computes nothing again. Drift informs the decision; it never blocks the
+    ingest: a failure here is logged and the batches are added all the same."""
     import pandas as pd
 
     from fusionops.data.manifest import read_manifest, to_canonical
@@ -65,27 +66,38 @@ def measure_drift(project_dir: Path, batches: list) -> dict | None:
     params = _params(project_dir)
     if not (Path(params.features.out_dir) / "meta.json").is_file() or not Path(params.data.prepared).is_file():
         return None  # nothing trained yet: there is no reference to compare with
-    prepared = read_manifest(params.data.prepared)
-    train = (prepared["split"] == "train").to_numpy()
-    new = pd.concat([to_canonical(b.rows, params.data, source=b.manifest).assign(
-        image=lambda df, b=b: [str(b.folder / p) for p in df["image"]]) for b in batches], ignore_index=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        extract_features(new, Path("/"), params.features.model_copy(update={"out_dir": Path(tmp) / "features"}))
-        new_features = load_features(Path(tmp) / "features")
-    return drift_report(prepared[train].reset_index(drop=True), load_features(params.features.out_dir).select(train),
-                        params.data.images_root, new, new_features, Path("/"), params.retrain.drift)
+    try:
+        prepared = read_manifest(params.data.prepared)
+        reference = load_features(params.features.out_dir)
+        if reference.item_ids != prepared["item_id"].tolist():
+            get_run_logger().warning("features do not match the prepared manifest (a run in between?): no drift")
+            return None
+        train = (prepared["split"] == "train").to_numpy()
+        new = pd.concat([to_canonical(b.rows, params.data, source=b.manifest).assign(
+            image=lambda df, b=b: [str(b.folder / p) for p in df["image"]]) for b in batches], ignore_index=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = params.features.model_copy(update={"out_dir": Path(tmp) / "features"})
+            extract_features(new, Path("/"), settings)
+            new_features = load_features(Path(tmp) / "features")
+        return drift_report(prepared[train].reset_index(drop=True), reference.select(train),
+                            params.data.images_root, new, new_features, Path("/"), params.retrain.drift)
+    except Exception as err:  # noqa: BLE001 - see the docstring: drift must not stop good data from coming in
+        get_run_logger().error("drift could not be measured (%s: %s): ingesting without it", type(err).__name__, err)
+        return None
 
 
 @task
 def add_batches(project_dir: Path, batches: list) -> dict:
-    """Append to the raw data, archive the batches, `dvc add` (and `dvc push` when a remote is configured)."""
+    """Append to the raw data, archive the batches, `dvc add` (and `dvc push` when a remote is configured).
+    Runs even with no good batch: a data version an interrupted run left unrecorded is recorded now."""
     from fusionops.ingest import add_batches as add
 
     return add(batches, _params(project_dir), project_dir)
 
 
 def _markdown(result: dict) -> str:
-    lines = [f"# retrain: {result['decision']}", "", result["reason"] + ".", ""]
+    lines = [f"# retrain: {result['decision']}", "", result["reason"] + ".", "",
+             f"Items added and not trained on yet (before this run's training): {result['pending']}.", ""]
     if result["appended"]:
         lines += ["| batch | rows added |", "|---|---|"]
         lines += [f"| {name} | {rows} |" for name, rows in result["appended"].items()] + [""]
@@ -113,30 +125,34 @@ def _markdown(result: dict) -> str:
 def retrain(project_dir: Path = Path(".")) -> dict:
     """Ingest new batches, version the data, check drift, retrain when params say so, let the gate decide."""
     from fusionops.drift import retrain_decision
+    from fusionops.ingest import pending_items
     from fusionops.lineage import data_version
+    from fusionops.locks import project_lock
 
     project_dir = Path(project_dir).resolve()
     params = _params(project_dir)
     result = {"appended": {}, "quarantined": [], "drift": None, "training": None}
-    with pipeline_lock(project_dir):  # released before training: training_pipeline takes it itself
+    # The whole run under the project lock: no ingest or pipeline run can slip in between adding data and
+    # training on it (training_pipeline takes the same lock again, re-entrantly).
+    with project_lock(project_dir):
         batches = find_batches(project_dir)
         if batches:
             good, result["quarantined"] = check_batches(project_dir, batches)
             if good:
                 result["drift"] = measure_drift(project_dir, good)
-                added = add_batches(project_dir, good)
-                result["appended"] = added["appended"]
-    new_items = sum(result["appended"].values())
-    drift = result["drift"]["drift"] if result["drift"] else None
-    retrain_now, reason = retrain_decision(new_items, drift, params.retrain)
-    if not batches:
-        reason = f"no new batch in {params.retrain.inbox}: nothing to train"
-    elif not result["appended"]:
-        reason = f"every batch was quarantined: {reason}"
-    result["decision"], result["reason"] = ("retrained" if retrain_now else "not retrained"), reason
-    if retrain_now:
-        result["training"] = training_pipeline(project_dir=project_dir)
-    result["data_version"] = data_version(project_dir, params.data.images_root, used=False)
+            result["appended"] = add_batches(project_dir, good)["appended"]
+        # Everything added and not trained on yet counts, whichever night it came in.
+        pending = pending_items(params) if Path(params.data.manifest).is_file() else 0
+        drift = result["drift"]["drift"] if result["drift"] else None
+        retrain_now, reason = retrain_decision(pending, drift, params.retrain)
+        if not batches and not pending:
+            reason = f"no new batch in {params.retrain.inbox} and nothing pending: nothing to train"
+        elif batches and not result["appended"] and not pending:
+            reason = f"every batch was quarantined: {reason}"
+        result.update(pending=pending, decision="retrained" if retrain_now else "not retrained", reason=reason)
+        if retrain_now:
+            result["training"] = training_pipeline(project_dir=project_dir)
+        result["data_version"] = data_version(project_dir, params.data.images_root, used=False)
     create_markdown_artifact(_markdown(result), key="retrain-report",
                              description="batches, quarantine, drift, data version, training and gate")
     print(f"retrain: {result['decision']} ({reason})")

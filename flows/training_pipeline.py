@@ -12,7 +12,6 @@ import argparse
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -28,25 +27,6 @@ def dvc_stages(project_dir: Path) -> list[str]:
     import yaml
 
     return list(yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"])
-
-
-@contextmanager
-def pipeline_lock(project_dir: Path):
-    """One pipeline run per project folder at a time: a second run waits (DVC would fail it on its own lock)."""
-    from filelock import FileLock, Timeout
-
-    path = project_dir / ".cache" / "pipeline.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        get_run_logger().warning("another pipeline run holds %s: waiting for it to finish", path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class StageFailed(RuntimeError):
@@ -148,15 +128,16 @@ def training_pipeline(project_dir: Path = Path(".")) -> dict:
     import json
 
     from fusionops.config import load_params
+    from fusionops.locks import project_lock
 
     project_dir = Path(project_dir).resolve()
     stages = {}
-    with pipeline_lock(project_dir):
+    with project_lock(project_dir):  # re-entrant: the retrain flow calls this one while holding it
         for name in dvc_stages(project_dir):
             stages[name] = run_stage.with_options(name=f"stage-{name}")(name, project_dir)
         registered = register(project_dir)
         gate = promote(project_dir)
-    metrics = json.loads(load_params(project_dir / "params.yaml").evaluate.metrics.read_text())
+        metrics = json.loads(load_params(project_dir / "params.yaml").evaluate.metrics.read_text())
     markdown = _report(project_dir, metrics, stages, registered, gate)
     create_markdown_artifact(markdown, key="training-report", description="metrics, registered version, gate, data")
     return {"metrics": metrics, "registered": registered, "promotion": gate, "stages": stages}

@@ -107,14 +107,12 @@ def validate(
 
 
 def _known_labels(params: Params) -> set[str]:
-    """The labels of the current dataset: the prepared manifest's, else the raw manifest's."""
-    from fusionops.data.manifest import read_manifest
+    """The labels of the current (raw) dataset: the labels a batch may use."""
+    from fusionops.ingest import current_dataset
 
-    for path, column in ((params.data.prepared, "label"), (params.data.manifest, params.data.label_column)):
-        if Path(path).is_file():
-            return set(read_manifest(path)[column])
-    raise UserError(f"batch mode compares with the current dataset, but neither {params.data.prepared} nor "
-                    f"{params.data.manifest} exists: run `fusionops prepare` first")
+    if not Path(params.data.manifest).is_file():
+        raise UserError(f"batch mode compares with the current dataset, but {params.data.manifest} does not exist")
+    return set(current_dataset(params)["label"])
 
 
 @app.command()
@@ -210,7 +208,7 @@ def predict(
     else:
         params = load_params(params_path)
     items = to_canonical(read_manifest(manifest), params.data, source=manifest, labelled=False)
-    problems = check_images(items, images_root)
+    problems = check_images(items, images_root, empty=True)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
         raise DataError(f"{len(problems)} image(s) cannot be used; nothing was written:\n{lines}")
@@ -232,72 +230,29 @@ def ingest(
 
     A bad batch is moved to retrain.quarantine with its report, and nothing else changes.
     """
-    from fusionops.ingest import MANIFEST_NAMES, Batch, add_batches, check_batches, find_batches, quarantine
+    from fusionops.ingest import add_batches, batch_in, check_batches, find_batches, quarantine
+    from fusionops.locks import project_lock
 
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     path = path.resolve()
-    manifest = next((path / n for n in MANIFEST_NAMES if (path / n).is_file()), None)
-    batches = [Batch(path.name, path, manifest)] if manifest else find_batches(path)
+    single = batch_in(path)
+    batches = [single] if single else find_batches(path)
     if not batches:
         raise UserError(f"{path} holds no batch: a batch is a folder with a manifest.csv (or .parquet) and images")
-    good, bad = check_batches(batches, params)
-    for batch, report in bad:
-        where = quarantine(batch, report, params.retrain.quarantine)
-        err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{report.summary()}", markup=False)
-    result = add_batches(good, params, root)
+    with project_lock(root):  # never beside a pipeline run or another ingest: the manifest has one writer
+        good, bad = check_batches(batches, params)
+        for batch, report in bad:
+            where = quarantine(batch, report, params.retrain.quarantine)
+            err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{report.summary()}", markup=False)
+        result = add_batches(good, params, root)
     for name, rows in result["appended"].items():
         out.print(f"batch {name}: {rows} rows appended to {_rel(params.data.manifest)}")
-    if result["versioned"]:
+    if result["appended"]:
         pushed = ", pushed to the DVC remote" if result["versioned"]["pushed"] else ""
         out.print(f"new data version in {result['versioned']['dvc_file']}{pushed}; run the pipeline to train on it")
     if bad:
         raise DataError(f"{len(bad)} of {len(batches)} batch(es) quarantined")
-
-
-cache_app = typer.Typer(help="The content-addressed feature cache: what it holds, and pruning old key spaces.",
-                        no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-
-@cache_app.command("info")
-def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Size, entries and encoder id of every key space (* = used by the current params)."""
-    from rich.table import Table
-
-    from fusionops.features.cache import describe
-    from fusionops.features.extract import current_key_spaces
-
-    params = load_params(params_path)
-    spaces, current = describe(params.features.cache_dir), current_key_spaces(params.features)
-    table = Table("", "key space (encoder id - precision)", "dim", "entries", "shards", "MB", "created")
-    for s in spaces:
-        table.add_row("*" if s["key_space"] in current else "", s["key_space"], str(s["dim"]), str(s["entries"]),
-                      str(s["shards"]), f"{s['bytes'] / 1e6:.1f}", str(s["created"]))
-    Console(width=160).print(table)
-    total = sum(s["bytes"] for s in spaces) / 1e6
-    out.print(f"{_rel(params.features.cache_dir)}: {len(spaces)} key space(s), "
-              f"{sum(s['entries'] for s in spaces)} vectors, {total:.1f} MB")
-
-
-@cache_app.command("prune")
-def cache_prune(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
-    params_path: ParamsOption = Path("params.yaml"),
-) -> None:
-    """Remove the key spaces the current params do not use (another backbone, preprocessing or precision)."""
-    from fusionops.features.cache import prune
-    from fusionops.features.extract import current_key_spaces
-
-    params = load_params(params_path)
-    removed = prune(params.features.cache_dir, current_key_spaces(params.features), dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
-    for r in removed:
-        whole = f"{r['entries']} vectors, {r['bytes'] / 1e6:.1f} MB"
-        what = whole if r["whole"] else f"{r['damaged']} damaged shard(s)"
-        out.print(f"{verb} {r['key_space']} ({what})")
-    if not removed:
-        out.print("nothing to prune: every key space is in use")
 
 
 @app.command()

@@ -98,7 +98,9 @@ def drift_report(reference: pd.DataFrame, reference_features: FeatureSet, refere
 
 
 def retrain_decision(new_items: int, drift: bool | None, params: RetrainParams) -> tuple[bool, str]:
-    """Whether to retrain after an ingest, and why (retrain.min_new_items and retrain.drift_policy)."""
+    """Whether to retrain after an ingest, and why (retrain.min_new_items and retrain.drift_policy).
+
+    `new_items`: rows added and not trained on yet, over every night since the last training."""
     enough = new_items >= params.min_new_items
     if new_items == 0:
         return False, "no new data"

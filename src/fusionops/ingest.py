@@ -5,15 +5,18 @@ the images it names, by paths relative to the folder. Move a batch into the inbo
 atomic); fusionops never reads a half-copied one. Good batches are appended to the raw data under
 `<images_root>/batches/<batch name>/` and archived; a bad batch goes to quarantine with its report, and nothing else
 changes.
+
+Every step can be interrupted and run again: images are copied to a temporary folder and renamed into place, the
+manifest is replaced atomically, and a batch whose rows are already in the manifest (a run killed before archiving
+it) is archived, not ingested twice. Callers hold the project lock (fusionops.locks.project_lock) around it all.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -35,10 +38,22 @@ class Batch:
     name: str
     folder: Path
     manifest: Path
+    rows: pd.DataFrame = field(repr=False)  # the batch's manifest as written (its own column names)
 
-    @property
-    def rows(self) -> pd.DataFrame:
-        return read_manifest(self.manifest)
+    @classmethod
+    def read(cls, folder: Path, manifest: Path) -> Batch:
+        try:
+            rows = read_manifest(manifest)
+        except DataError as err:  # an unreadable manifest is a problem of this batch, reported with it
+            rows = pd.DataFrame()
+            rows.attrs["error"] = str(err)
+        return cls(folder.name, folder, manifest, rows)
+
+
+def batch_in(folder: Path) -> Batch | None:
+    """The batch in `folder`, or None when it holds no manifest."""
+    manifest = next((folder / n for n in MANIFEST_NAMES if (folder / n).is_file()), None)
+    return Batch.read(folder, manifest) if manifest else None
 
 
 def find_batches(inbox: Path) -> list[Batch]:
@@ -48,27 +63,35 @@ def find_batches(inbox: Path) -> list[Batch]:
         return []
     batches = []
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        manifest = next((folder / n for n in MANIFEST_NAMES if (folder / n).is_file()), None)
-        if manifest is None:
+        batch = batch_in(folder)
+        if batch is None:
             log.warning("inbox folder %s holds no manifest.csv or manifest.parquet: left where it is", folder)
             continue
-        batches.append(Batch(folder.name, folder, manifest))
+        batches.append(batch)
     return batches
 
 
 def current_dataset(params: Params) -> pd.DataFrame:
-    """The raw dataset as it is now (canonical columns)."""
+    """The raw dataset as it is now (canonical columns): its labels are the labels a batch may use."""
     return to_canonical(read_manifest(params.data.manifest), params.data, source=params.data.manifest)
 
 
+def _raw_columns(params: Params) -> list[str]:
+    return list(read_manifest(params.data.manifest).columns)
+
+
 def check_batch(batch: Batch, params: Params, dataset: pd.DataFrame) -> Report:
-    """Batch-mode validation, plus: ids must be new to the dataset and the batch must not be empty."""
-    try:
-        rows = to_canonical(batch.rows, params.data, source=batch.manifest)
-    except DataError as err:
-        report = Report(rows=0, mode="batch")
-        report.problems.append(Problem(None, "manifest", str(err), "fix the batch's manifest"))
+    """Batch-mode validation, plus: every column of the raw manifest, ids new to the dataset, at least one row."""
+    report = Report(rows=len(batch.rows), mode="batch")
+    if "error" in batch.rows.attrs:
+        report.problems.append(Problem(None, "manifest", batch.rows.attrs["error"], "fix the batch's manifest"))
         return report
+    missing = [c for c in _raw_columns(params) if c not in batch.rows.columns]
+    if missing:
+        report.problems.append(Problem(None, "manifest", f"missing the dataset's column(s) {', '.join(missing)}",
+                                       "give the batch every column of the raw manifest"))
+        return report
+    rows = to_canonical(batch.rows, params.data, source=batch.manifest)
     report = validate(rows, batch.folder, mode="batch", known_labels=set(dataset["label"]),
                       max_pixels=params.validate_.max_image_pixels)
     if rows.empty:
@@ -77,6 +100,14 @@ def check_batch(batch: Batch, params: Params, dataset: pd.DataFrame) -> Report:
     report.problems += [Problem(str(i), "item_id", "id already in the dataset", "give new items new ids")
                         for i in rows["item_id"] if i in known]
     return report
+
+
+def already_ingested(batch: Batch, params: Params, dataset: pd.DataFrame) -> bool:
+    """A run killed after appending a batch but before archiving it: its rows are in the manifest already."""
+    if batch.rows.empty or params.data.id_column not in batch.rows.columns:
+        return False
+    ids = set(batch.rows[params.data.id_column].astype(str))
+    return ids <= set(dataset["item_id"]) and (Path(params.data.images_root) / BATCHES / batch.name).is_dir()
 
 
 def quarantine(batch: Batch, report: Report, quarantine_dir: Path) -> Path:
@@ -88,22 +119,38 @@ def quarantine(batch: Batch, report: Report, quarantine_dir: Path) -> Path:
     return target
 
 
-def append_batch(batch: Batch, params: Params) -> int:
-    """Copy a checked batch's images under the images root and add its rows to the raw manifest (atomically)."""
-    raw = read_manifest(params.data.manifest)
-    rows = batch.rows
-    missing = [c for c in raw.columns if c not in rows.columns]
-    if missing:
-        raise DataError(f"batch {batch.name} lacks the dataset's column(s) {', '.join(missing)}")
+def _target(params: Params, name: str, manifest: pd.DataFrame) -> Path:
+    """Where a batch's images go. A folder left by an interrupted run (no manifest row points into it) is reused."""
     root = Path(params.data.images_root)
-    target = _free_name(root / BATCHES, batch.name)
-    relative = target.relative_to(root).as_posix()
-    for image in rows[params.data.image_column].unique():
-        dest = target / image
+    candidate, n = root / BATCHES / name, 1
+    while candidate.exists():
+        prefix = candidate.relative_to(root).as_posix() + "/"
+        if not manifest[params.data.image_column].astype(str).str.startswith(prefix).any():
+            shutil.rmtree(candidate)  # an orphan: nothing refers to it
+            break
+        n += 1
+        candidate = root / BATCHES / f"{name}-{n}"
+    return candidate
+
+
+def append_batch(batch: Batch, params: Params) -> int:
+    """Copy a checked batch's images under the images root and add its rows to the raw manifest.
+
+    The images are copied into a temporary folder renamed into place, then the manifest is replaced atomically:
+    whenever the run stops, the manifest never names an image that is not there.
+    """
+    raw = read_manifest(params.data.manifest)
+    root = Path(params.data.images_root)
+    target = _target(params, batch.name, raw)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for image in batch.rows[params.data.image_column].unique():
+        dest = staging / image
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(batch.folder / image, dest)
-    rows = rows[list(raw.columns)].copy()
-    rows[params.data.image_column] = relative + "/" + rows[params.data.image_column]
+    staging.rename(target)
+    rows = batch.rows[list(raw.columns)].copy()
+    rows[params.data.image_column] = target.relative_to(root).as_posix() + "/" + rows[params.data.image_column]
     merged = pd.concat([raw, rows], ignore_index=True)
     with atomic_path(params.data.manifest) as tmp:
         if Path(params.data.manifest).suffix.lower() == ".csv":
@@ -117,8 +164,7 @@ def archive(batch: Batch, processed_dir: Path, appended: int) -> Path:
     """Move an ingested batch out of the inbox, with a note of when and how many rows it added."""
     target = _free_name(Path(processed_dir), batch.name)
     shutil.move(str(batch.folder), target)
-    (target / "ingested.json").write_text(json.dumps(
-        {"ingested": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": appended}, indent=2) + "\n")
+    write_json(target / "ingested.json", {"ingested": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": appended})
     return target
 
 
@@ -133,10 +179,17 @@ def _free_name(parent: Path, name: str) -> Path:
 
 
 def check_batches(batches: list[Batch], params: Params) -> tuple[list[Batch], list[tuple[Batch, Report]]]:
-    """Split batches into good and bad, each checked against the dataset plus the good batches before it."""
+    """Split batches into good and bad, each checked against the dataset plus the good batches before it.
+
+    A batch that an interrupted run already appended is archived here (with 0 rows), not checked again.
+    """
     dataset = current_dataset(params)
     good, bad = [], []
     for batch in batches:
+        if already_ingested(batch, params, dataset):
+            log.warning("batch %s was appended by an interrupted run: archiving it", batch.name)
+            archive(batch, params.retrain.processed, 0)
+            continue
         report = check_batch(batch, params, dataset)
         if report.success:
             good.append(batch)
@@ -148,12 +201,27 @@ def check_batches(batches: list[Batch], params: Params) -> tuple[list[Batch], li
 
 
 def add_batches(good: list[Batch], params: Params, root: Path) -> dict:
-    """Append good batches to the raw data, archive them, and version the new data with DVC."""
+    """Append good batches to the raw data, archive them, and version the data with DVC.
+
+    `dvc add` runs every time (it costs little when nothing changed), so a version an interrupted run left
+    unrecorded is recorded now.
+    """
     from fusionops.versioning import version_data
 
     appended = {}
     for batch in good:
         appended[batch.name] = append_batch(batch, params)
         archive(batch, params.retrain.processed, appended[batch.name])
-    versioned = version_data(Path(params.data.images_root), root) if appended else None
+    versioned = version_data(Path(params.data.images_root), root)
     return {"appended": appended, "rows": sum(appended.values()), "versioned": versioned}
+
+
+def pending_items(params: Params) -> int:
+    """Rows of the raw manifest that the last prepare neither took nor rejected: added, not trained on yet
+    (whichever night they were added on)."""
+    raw_ids = set(current_dataset(params)["item_id"])
+    seen = set()
+    for path in (params.data.prepared, params.validate_.rejected):
+        if Path(path).is_file():
+            seen |= set(read_manifest(path)["item_id"])
+    return len(raw_ids - seen)

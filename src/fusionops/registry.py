@@ -15,11 +15,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fusionops.config import Params
-from fusionops.errors import UserError
+from fusionops.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+BLOCKED = "promotion.blocked"  # set by rollback: the gate never promotes that version again
 
 # What the pyfunc needs at load time, pinned to the versions it was trained with. The encoder weights come from
 # the two weights packages (pinned by version, so the artifact stays small and the ids in config.json can be checked).
@@ -122,12 +123,7 @@ def current_alias_version(client, name: str, alias: str) -> str | None:
 
 def _already_registered(client, name: str, model_sha256: str) -> str | None:
     """The version that holds exactly these weights, if one does (registering twice adds nothing)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{name}' and tags.model_sha256='{model_sha256}'")
-    except MlflowException:
-        return None
+    found = client.search_model_versions(f"name='{name}' and tags.model_sha256='{model_sha256}'")
     return str(min(int(v.version) for v in found)) if found else None
 
 
@@ -277,6 +273,12 @@ def _test_items(params: Params):
     test = prepared[prepared["split"] == "test"]
     if test.empty:
         raise UserError(f"{params.data.prepared} has no test items: the gate needs a test split to compare models")
+    from fusionops.validation import check_images
+
+    problems = check_images(test, params.data.images_root, empty=True)
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems[:20])
+        raise DataError(f"the gate cannot score the test items ({len(problems)} unusable; aliases unchanged):\n{lines}")
     root = Path(params.data.images_root).resolve()
     frame = pd.DataFrame({"image": [str(root / p) for p in test["image"]], "text": test["text"].tolist()})
     return test["label"].to_numpy(), frame
@@ -309,6 +311,10 @@ def promote(params: Params) -> dict:
     if champion == challenger:
         return {"name": name, "decision": "unchanged", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} is already the champion"}
+    blocked = client.get_model_version(name, challenger).tags.get(BLOCKED)
+    if blocked:
+        return {"name": name, "decision": "blocked", "champion": champion, "challenger": challenger,
+                "reason": f"version {challenger} was rolled back ({blocked}): it is never promoted again"}
     if champion is None:
         _record(client, name, challenger, {"promotion.decision": "promoted", "promotion.reason": "no champion yet",
                                            "promotion.time": now})
@@ -329,7 +335,7 @@ def promote(params: Params) -> dict:
         client.log_text(run_id, report, "promotion/promotion.md")
     decision = "promoted" if result.promote else "rejected"
     _record(client, name, challenger, {
-        "promotion.decision": decision, "promotion.reason": result.reason[:500], "promotion.time": now,
+        "promotion.reason": result.reason[:500], "promotion.time": now,
         "promotion.compared_to": champion, "promotion.test": params.promote.test, "promotion.items": result.items,
         "promotion.delta_macro_f1": result.delta_macro_f1, "promotion.ci_low": result.ci_low,
         "promotion.ci_high": result.ci_high, "promotion.mcnemar_p": result.mcnemar_p,
@@ -339,6 +345,8 @@ def promote(params: Params) -> dict:
         # MLflow keeps no alias history: the previous champion is remembered on the new one, for rollback.
         _record(client, name, challenger, {"previous_champion": champion, "champion_since": now})
         client.set_registered_model_alias(name, CHAMPION, challenger)
+    # The decision is recorded once it holds: a failed alias move never leaves a version tagged "promoted".
+    _record(client, name, challenger, {"promotion.decision": decision})
     log.info("%s version %s %s: %s", name, challenger, decision, result.reason)
     return {"name": name, "decision": decision, "champion": challenger if result.promote else champion,
             "challenger": challenger, "reason": result.reason, "gate": result.to_dict()}
@@ -359,9 +367,12 @@ def rollback(params: Params) -> dict:
     if not previous:
         raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous})
+    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous,
+                                     BLOCKED: f"rolled back to version {previous} at {now}"})
     _record(client, name, previous, {"rollback.from": champion, "champion_since": now})
     client.set_registered_model_alias(name, CHAMPION, previous)
+    # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
+    client.set_registered_model_alias(name, CHALLENGER, previous)
     reason = f"champion moved back from version {champion} to version {previous}"
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.info("%s: %s", name, reason)

@@ -145,7 +145,9 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator
+        torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator...
+        if device.type == "cuda" and saved.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])  # ...or, on a GPU, from the CUDA ones
         state = {k: saved[k] for k in state}
         log.info("%s: resuming from the checkpoint after epoch %d", name, state["epoch"])
     history = json.loads(state["history"])
@@ -173,7 +175,8 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
                 _save_checkpoint(checkpoint, {
                     **state, "history": json.dumps(history), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
     model.load_state_dict(state["best_state"])
     best = state["best"]
     log.debug("%s: best epoch %d of %d, val macro-F1 %.4f", name, best["epoch"], state["epoch"], best["val_macro_f1"])

@@ -159,9 +159,8 @@ def test_second_pipeline_run_waits_for_the_first(prefect_harness, tmp_path):
     """The flow's per-project lock: while another run holds it, a run waits (and says so) instead of colliding."""
     from prefect import flow
 
-    from helpers import load_flow
+    from fusionops.locks import project_lock
 
-    pipeline = load_flow("training_pipeline")
     lock = tmp_path / ".cache" / "pipeline.lock"
     lock.parent.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock), "4"], stdout=subprocess.PIPE, text=True)
@@ -170,7 +169,7 @@ def test_second_pipeline_run_waits_for_the_first(prefect_harness, tmp_path):
     @flow
     def second_run() -> float:
         start = time.time()
-        with pipeline.pipeline_lock(tmp_path):
+        with project_lock(tmp_path):
             return time.time() - start
 
     waited = second_run()

@@ -18,7 +18,7 @@ import requests
 
 from fusionops.config import Params
 from fusionops.data.prepare import prepare
-from fusionops.errors import UserError
+from fusionops.errors import DataError, UserError
 from fusionops.features import extract_features, load_features
 from fusionops.features.image import packaged_lite0_weights, sha256_file
 from fusionops.registry import current_alias_version, promote, register, rollback
@@ -118,10 +118,18 @@ def test_worse_challenger_is_not_promoted(history, world):
 
 
 def test_rollback_restores_the_previous_champion(history, world):
-    assert history["after_rollback"]["champion"] == "1"
-    assert _client(world).get_model_version(NAME, "2").tags["rollback.to"] == "1"
+    assert history["after_rollback"] == {"champion": "1", "challenger": "1"}
+    tags = _client(world).get_model_version(NAME, "2").tags
+    assert tags["rollback.to"] == "1" and "promotion.blocked" in tags
     with pytest.raises(UserError, match="no previous champion"):
         rollback(world["params"])  # version 1 was never promoted over anything
+
+
+def test_a_rolled_back_version_is_never_promoted_again(history, world):
+    assert promote(world["params"])["decision"] == "unchanged"  # the challenger is the restored champion
+    assert _register(world, "good") == "2"  # the same weights again: version 2 becomes the challenger...
+    result = promote(world["params"])
+    assert result["decision"] == "blocked" and _aliases(world)["champion"] == "1"  # ...and stays out
 
 
 def test_same_weights_are_not_registered_twice(history, world):
@@ -135,7 +143,7 @@ def test_failed_evaluation_leaves_every_alias_untouched(history, world, tmp_path
     assert before == {"champion": "1", "challenger": version}
     broken = world["params"].model_copy(update={"data": world["params"].data.model_copy(
         update={"images_root": tmp_path})})  # the test images are not there: the gate cannot score the models
-    with pytest.raises(Exception):  # noqa: B017 - any failure of the evaluation must leave the aliases alone
+    with pytest.raises(DataError, match="aliases unchanged"):
         promote(broken)
     assert _aliases(world) == before
     assert "promotion.decision" not in _client(world).get_model_version(NAME, version).tags

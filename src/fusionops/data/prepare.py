@@ -16,13 +16,21 @@ from fusionops.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def _with_groups(df: pd.DataFrame) -> pd.DataFrame:
+    # A row without a group key is its own group: it can never leak into another split through a shared key.
+    return df.assign(group=df["group"].where(df["group"].str.strip() != "", df["item_id"]))
+
+
+def rare_labels(df: pd.DataFrame, split: SplitParams) -> pd.Series:
+    """Groups per label, for the labels with fewer than split.min_groups_per_label groups."""
+    groups_per_label = _with_groups(df).groupby("label")["group"].nunique()
+    return groups_per_label[groups_per_label < split.min_groups_per_label]
+
+
 def split_manifest(df: pd.DataFrame, split: SplitParams) -> pd.DataFrame:
     """Rare labels dropped and a split per row (train/val/test by hashed group) on a canonical manifest."""
-    df = df.copy()
-    # A row without a group key is its own group: it can never leak into another split through a shared key.
-    df["group"] = df["group"].where(df["group"].str.strip() != "", df["item_id"])
-    groups_per_label = df.groupby("label")["group"].nunique()
-    rare = groups_per_label[groups_per_label < split.min_groups_per_label]
+    df = _with_groups(df)
+    rare = rare_labels(df, split)
     if len(rare):
         log.warning(
             "dropping %d label(s) with fewer than %d groups (split.min_groups_per_label): %s",
@@ -44,7 +52,7 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     Returns the prepared frame and the problems of the rows that were dropped. With on_bad_rows 'fail', any bad
     row stops the stage before anything is written.
     """
-    from fusionops.validation import validate
+    from fusionops.validation import Problem, validate
 
     df = to_canonical(read_manifest(data.manifest), data, source=data.manifest)
     report = validate(df, data.images_root, mode="rows", max_pixels=checks.max_image_pixels)
@@ -56,6 +64,12 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
         log.warning("skipping %d bad row(s) (validate.on_bad_rows: skip), listed in %s",
                     len(report.bad_rows), checks.rejected)
         df = df[~df["item_id"].isin(report.bad_rows)].reset_index(drop=True)
+    # Rows of labels too rare to split are listed too: every raw row is either prepared or rejected, with a reason.
+    rare = rare_labels(df, split)
+    rejected += [Problem(str(i), "label", f"label {label!r} has {rare[label]} group(s), fewer than "
+                         f"split.min_groups_per_label={split.min_groups_per_label}: not trained on",
+                         "add items of this label (other groups), or lower split.min_groups_per_label")
+                 for i, label in zip(df["item_id"], df["label"], strict=True) if label in rare.index]
     df = split_manifest(df, split)
     _write_csv(pd.DataFrame([vars(p) for p in rejected], columns=["item_id", "column", "problem", "fix"]),
                checks.rejected)

@@ -19,9 +19,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from fusionops.atomic import atomic_path, write_json
+from fusionops.locks import held
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +85,9 @@ class VectorCache:
         self._vectors.update(zip(keys, vectors, strict=True))
         self._loaded.add(name)
 
-    @contextlib.contextmanager
     def writer(self):
         """Hold the key space's write lock: a second extraction waits, then finds the vectors already cached."""
-        lock = FileLock(self.dir / ".write.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.warning("another process is computing %s vectors: waiting for it", self.dir.name)
-            lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
+        return held(self.dir / ".write.lock", waiting=f"another process is computing {self.dir.name} vectors: waiting")
 
     def get(self, keys: list[str]) -> np.ndarray:
         """Vectors for `keys`, in order; every key must be cached."""

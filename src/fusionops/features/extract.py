@@ -30,14 +30,20 @@ log = logging.getLogger(__name__)
 class _Images(torch.utils.data.Dataset):
     """Decode + preprocess in DataLoader workers, so it overlaps with the forward pass."""
 
-    def __init__(self, sources: Sequence[Path | bytes], encoder: ImageEncoder):
+    def __init__(self, sources: Sequence[Path | bytes | tuple[Path, str]], encoder: ImageEncoder):
         self.sources, self.transform, self.background = sources, encoder.pixels, encoder.background
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_rgb(self.sources[i], self.background))
+        source = self.sources[i]
+        if isinstance(source, tuple):  # (path, content key): decode exactly the bytes the vector is stored under
+            path, key = source
+            source = Path(path).read_bytes()
+            if content_key(source) != key:
+                raise DataError(f"{path} changed while its vector was being computed: run `fusionops features` again")
+        return self.transform(load_rgb(source, self.background))
 
 
 def aligned_batches(n: int, batch_size: int, shard_size: int) -> list[list[int]]:
@@ -67,7 +73,7 @@ def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *
                        shard_size: int | None = None) -> Iterator[np.ndarray]:
     """Yield float32 vectors batch by batch, in the order of `sources` (one DataLoader, its workers kept busy)."""
     model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
-    workers = loader_workers(num_workers)
+    workers = num_workers  # resolved by the caller (loader_workers) before any progress-bar thread starts
     log.debug("encoding %d images, %d decoding worker process(es)", len(sources), workers)
     loader = torch.utils.data.DataLoader(
         _Images(sources, encoder), num_workers=workers, pin_memory=device.type == "cuda",
@@ -158,6 +164,7 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     device = resolve_device(params.device)
     dtype = autocast_dtype(device, params.precision)
     precision = precision_name(dtype)
+    workers = loader_workers(params.num_workers)  # now: a progress bar on a terminal adds a thread
     root = Path(images_root).resolve()
     stats: dict = {"device": device.type, "precision": precision}
     encoders: dict[str, dict] = {}
@@ -170,8 +177,8 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     cache = VectorCache(params.cache_dir, key_space(image_encoder.id, precision), dim=image_encoder.dim)
     image, computed = _through_cache(
         cache, keys, lambda todo: iter_image_vectors(
-            image_encoder, [first_path[k] for k in todo], batch_size=params.batch_size,
-            num_workers=params.num_workers, device=device, dtype=dtype, shard_size=params.shard_size),
+            image_encoder, [(first_path[k], k) for k in todo], batch_size=params.batch_size,
+            num_workers=workers, device=device, dtype=dtype, shard_size=params.shard_size),
         shard_size=params.shard_size, description="image vectors", unit="img")
     stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(keys)) - computed,
                       "seconds": round(time.perf_counter() - t0, 2)}

@@ -104,6 +104,13 @@ class ImageEncoder:
 TORCHVISION = "torchvision:"  # backbone names with this prefix come from torchvision, the others from timm
 
 
+def library_versions(*names: str) -> dict[str, str]:
+    """major.minor of the libraries whose code shapes the vectors: an upgrade gets a new cache key space."""
+    from importlib.metadata import version
+
+    return {name: ".".join(version(name).split(".")[:2]) for name in names}
+
+
 def encoder_id(name: str, weights_sha: str, config: dict) -> str:
     """name + weights hash + preprocessing: two encoders share cached vectors only if all three match."""
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -251,6 +258,7 @@ def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     described["background"] = list(params.background)
     described["loader_version"] = LOADER_VERSION
+    described["libraries"] = library_versions("torch", "torchvision", "timm", "pillow")
     return ImageEncoder(
         load=load,
         transform=transform,

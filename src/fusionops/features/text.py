@@ -13,7 +13,7 @@ import torch
 
 from fusionops.config import TextEncoderParams
 from fusionops.errors import UserError
-from fusionops.features.image import encoder_id, sha256_file
+from fusionops.features.image import encoder_id, library_versions, sha256_file
 
 
 def packaged_minilm_dir() -> Path:
@@ -105,7 +105,8 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
     name = "all-MiniLM-L6-v2" if params.model == "package" else folder.name
     tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
     config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
-              "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files]}
+              "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files],
+              "libraries": library_versions("torch", "transformers", "tokenizers")}
     weights_sha256 = _weights_digest(folder)
     return TextEncoder(
         folder=folder,
