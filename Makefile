@@ -18,10 +18,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install data demo test lint clean
+.PHONY: help install data demo test lint clean platform-up platform-status platform-down
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ test: install ## run the test suite
 
 lint: install ## ruff
 	$(BIN)/ruff check src flows tests bench
+
+platform-up: install ## start PostgreSQL, MLflow and Prefect servers, a worker; deploy prefect.yaml
+	$(BIN)/fusionops platform up
+
+platform-status: install ## each platform service, its URL and whether it answers
+	$(BIN)/fusionops platform status
+
+platform-down: install ## stop what platform-up started
+	$(BIN)/fusionops platform down
 
 clean: ## remove pipeline outputs (keeps .venv, the feature cache and the MLflow store)
 	rm -rf data/prepared/*.csv data/features models

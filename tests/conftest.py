@@ -68,6 +68,44 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def team_platform(tmp_path_factory, slice_dir):
+    """`fusionops platform up` for real: PostgreSQL, MLflow and Prefect servers on it, a worker, the deployments.
+
+    Stopped with `fusionops platform down` after the session; `down` must leave none of its processes behind.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import free_port, make_project
+
+    project = make_project(tmp_path_factory.mktemp("team") / "project", slice_dir, model_name="team-test",
+                           flows=True)
+    # PostgreSQL runs as an unprivileged user when the tests run as root: its folder must be reachable by it.
+    root = Path(tempfile.mkdtemp(prefix="fusionops-platform-"))
+    root.chmod(0o755)
+    fusionops = str(Path(sys.executable).with_name("fusionops"))
+    ports = {"postgres": free_port(), "mlflow": free_port(), "prefect": free_port()}
+    flags = ["--dir", str(root)]
+    command = [fusionops, "platform", "up", *flags, *(f"--{k}-port={v}" for k, v in ports.items())]
+    # A worker that polls, and a scheduler that loops, every few seconds rather than every 10 and 60.
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+           "PATH": f"{Path(sys.executable).parent}:"
+           f"{os.environ['PATH']}"}
+    started = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"root": root, "project": project, "ports": ports, "flags": flags, "up": started.stdout,
+               "mlflow": f"http://127.0.0.1:{ports['mlflow']}", "api": f"http://127.0.0.1:{ports['prefect']}/api"}
+    finally:
+        down = subprocess.run([fusionops, "platform", "down", *flags], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=300)
+        pids = [p.read_text().strip() for p in (root / "run").glob("*.pid")]
+        shutil.rmtree(root, ignore_errors=True)
+        assert down.returncode == 0 and not pids, down.stdout + down.stderr
+
+
+@pytest.fixture(scope="session")
 def slice_prepared(slice_dir):
     """The slice through prepare (stable grouped split)."""
     from fusionops.config import DataParams, SplitParams
@@ -96,3 +134,14 @@ def zoo(tmp_path_factory, demo_manifest):
 
     folder = tmp_path_factory.mktemp("zoo") / "data"
     return folder, *make_zoo(folder, take_slice(demo_manifest, 6))
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_does_not_leak():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one test's store must not become the next one's."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -111,21 +111,27 @@ def sh(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def make_project(root: Path, data: Path, *, model_name: str, **overrides: dict) -> Path:
-    """A git + DVC project like a fresh clone after `make data`, holding `data` as data/raw."""
+def make_project(root: Path, data: Path, *, model_name: str, flows: bool = False, **overrides: dict) -> Path:
+    """A git + DVC project like a fresh clone after `make data`, holding `data` as data/raw.
+
+    flows=True adds flows/ and prefect.yaml, for a Prefect worker to run its deployments.
+    """
     import sys
 
     import yaml
 
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore") + (("prefect.yaml",) if flows else ()):
         shutil.copyfile(ROOT / name, root / name)
+    if flows:
+        shutil.copytree(ROOT / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "src/fusionops", root / "src/fusionops", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(data, root / "data/raw")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(max_epochs=30, patience=5)
     params["registry"]["model_name"] = model_name
     for section, values in overrides.items():
-        params[section].update(values)
+        params.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", "-b", "main", cwd=root)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
@@ -145,3 +151,11 @@ def load_flow(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -274,6 +274,76 @@ def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
         raise UserError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
 
 
+platform_app = typer.Typer(help="The team platform on this machine: PostgreSQL, MLflow and Prefect servers, a worker.",
+                           no_args_is_help=True)
+app.add_typer(platform_app, name="platform")
+DirOption = Annotated[Path | None, typer.Option("--dir", envvar="FUSIONOPS_PLATFORM_DIR",
+                                                help="platform folder [params: platform.dir]")]
+
+
+def _platform(params_path: Path, **overrides):
+    from fusionops.platform import resolve
+
+    params = load_params(params_path) if Path(params_path).is_file() else Params()
+    return resolve(params.platform, **overrides), params
+
+
+@platform_app.command("up")
+def platform_up(
+    params_path: ParamsOption = Path("params.yaml"),
+    dir_: DirOption = None,
+    postgres_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_POSTGRES_PORT")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_MLFLOW_PORT")] = None,
+    prefect_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT")] = None,
+) -> None:
+    """Start PostgreSQL, `mlflow server` and `prefect server` on it, a process worker; deploy prefect.yaml."""
+    from fusionops.platform import up
+
+    platform, params = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
+                                 prefect_port=prefect_port)
+    for service, state in up(platform, Path(params_path).resolve().parent, params).items():
+        out.print(f"{service:12} {escape(state)}")
+    out.print("\nPoint the pipeline at it (every command, flow and test reads these):")
+    for key, value in platform.env().items():
+        out.print(f"  export {key}={value}")
+
+
+@platform_app.command("status")
+def platform_status(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+    """Each service, its URL, whether `up` started it and whether it answers; exit 1 when one does not."""
+    from rich.table import Table
+
+    from fusionops.platform import status
+
+    platform, _ = _platform(params_path, dir=dir_)
+    table = Table("service", "url", "pid", "answers")
+    services = status(platform)
+    for s in services:
+        table.add_row(s.name, s.url, str(s.pid or "-"), "[green]yes[/]" if s.answers else "[red]no[/]")
+    Console(width=160).print(table)
+    if not all(s.answers for s in services):
+        raise UserError(f"not answering: {', '.join(s.name for s in services if not s.answers)} "
+                        f"(`fusionops platform up` starts them; logs in {platform.root / 'logs'})")
+
+
+@platform_app.command("down")
+def platform_down(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+    """Stop what `up` started (its pid files), newest first; the data stays for the next `up`."""
+    from fusionops.platform import down
+
+    platform, _ = _platform(params_path, dir=dir_)
+    stopped = down(platform)
+    out.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing of ours was running")
+
+
+@platform_app.command("env")
+def platform_env(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+    """Print the exports that point the pipeline at the platform: eval "$(fusionops platform env)"."""
+    platform, _ = _platform(params_path, dir=dir_)
+    for key, value in platform.env().items():
+        print(f"export {key}={value}")
+
+
 def main() -> None:
     """Console entry point: a user error is a message and an exit code, never a traceback."""
     try:

@@ -84,6 +84,9 @@ class FeaturesParams(Section):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader processes decoding images beside the forward pass; auto: cores - 2")
     shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
+    executor: Literal["local", "dask"] = Field("local", description="where image vectors are computed")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler (tcp://host:8786)")
+    dask_workers: int = Field(2, ge=1, description="without dask_address: a LocalCluster of this many workers")
     image: ImageEncoderParams = ImageEncoderParams()
     text: TextEncoderParams = TextEncoderParams()
 
@@ -158,6 +161,23 @@ class ScheduleParams(Section):
     deployment: str = "nightly"
 
 
+class RemoteParams(Section):
+    url: str | None = Field(None, description="DVC remote for the data: a folder, s3://, gs://, ssh://... "
+                                             "(null: none, or the one configured by hand)")
+    name: str = "storage"
+
+
+class PlatformParams(Section):
+    dir: Path = Field(Path(".platform"), description="PostgreSQL data, MLflow artifacts, logs and pid files")
+    host: str = "127.0.0.1"
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    work_pool: str = "fusionops"
+    postgres_bin: Path = Path("/usr/lib/postgresql/15/bin")
+    run_as: str = Field("postgres", description="the unprivileged user PostgreSQL runs as when started by root")
+
+
 class Params(Section):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
@@ -169,6 +189,8 @@ class Params(Section):
     promote: PromoteParams = PromoteParams()
     retrain: RetrainParams = RetrainParams()
     schedule: ScheduleParams = ScheduleParams()
+    remote: RemoteParams = RemoteParams()
+    platform: PlatformParams = PlatformParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _digest: str | None = PrivateAttr(None)

@@ -212,7 +212,7 @@ def add_batches(good: list[Batch], params: Params, root: Path) -> dict:
     for batch in good:
         appended[batch.name] = append_batch(batch, params)
         archive(batch, params.retrain.processed, appended[batch.name])
-    versioned = version_data(Path(params.data.images_root), root)
+    versioned = version_data(Path(params.data.images_root), root, params.remote)
     return {"appended": appended, "rows": sum(appended.values()), "versioned": versioned}
 
 

@@ -47,7 +47,12 @@ def _client(params: Params):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(params.registry.http_timeout))
     uri = tracking_uri(params)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then outrank the next project's params
+    # in this same process (a worker, a notebook): keep the environment as the user left it.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     client = MlflowClient(tracking_uri=uri)
     if uri.startswith(("http://", "https://")):
         try:
@@ -68,7 +73,14 @@ def _experiment_id(client, params: Params, uri: str) -> str:
     # A local store keeps its artifacts beside the project; a server decides where its (proxied) artifacts go.
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     location = Path(params.registry.artifacts_dir).resolve().as_uri() if local else None
-    return client.create_experiment(params.registry.experiment, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(params.registry.experiment, artifact_location=location)
+    except MlflowException as err:  # another process created it first (two registrations at once)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(params.registry.experiment).experiment_id
 
 
 def pip_requirements() -> list[str]:

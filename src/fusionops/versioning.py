@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusionops.config import RemoteParams
 from fusionops.errors import UserError
 
 
@@ -22,11 +23,24 @@ def dvc(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
-def version_data(data_dir: Path, root: Path) -> dict:
+def configure_remote(root: Path, remote: RemoteParams) -> str | None:
+    """Make params.yaml's remote the project's default DVC remote (in .dvc/config, committed with the project, so
+    every clone can `dvc pull`). Returns the remote's name, or None when params set none and none is configured."""
+    if remote.url is None:
+        listed = dvc("remote", "list", cwd=root).split()
+        return listed[0] if listed else None  # a remote configured by hand is used as it is
+    url = str(remote.url)
+    configured = dict(line.split(None, 1) for line in dvc("remote", "list", cwd=root).splitlines() if line.strip())
+    if configured.get(remote.name, "").split()[0:1] != [url]:
+        dvc("remote", "add", "--default", "--force", remote.name, url, cwd=root)
+    return remote.name
+
+
+def version_data(data_dir: Path, root: Path, remote: RemoteParams | None = None) -> dict:
     """`dvc add` the raw data folder, and `dvc push` it when a remote is configured; return what was done."""
     rel = os.path.relpath(data_dir, root)
     dvc("add", "--quiet", rel, cwd=root)
-    pushed = bool(dvc("remote", "list", cwd=root).strip())
-    if pushed:
-        dvc("push", "--quiet", f"{rel}.dvc", cwd=root)
-    return {"dvc_file": f"{rel}.dvc", "pushed": pushed}
+    name = configure_remote(root, remote or RemoteParams())
+    if name:
+        dvc("push", "--quiet", "--remote", name, f"{rel}.dvc", cwd=root)
+    return {"dvc_file": f"{rel}.dvc", "pushed": bool(name), "remote": name}

@@ -1,4 +1,8 @@
-"""Registry and promotion gate on a real MLflow sqlite store, with real models trained on real vectors."""
+"""Registry and promotion gate on real MLflow stores, with real models trained on real vectors.
+
+Every test runs twice: on a sqlite store (one engineer) and on the team platform's `mlflow server` backed by
+PostgreSQL with proxied artifacts — the same code, only the tracking URI differs.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ NAME = "gate-test"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, demo_manifest):
-    """A 320-item slice with its vectors, a good model, a bad one (trained on shuffled labels), an empty store."""
+def trained(tmp_path_factory, demo_manifest):
+    """A 320-item slice with its vectors, good models and bad ones (trained on shuffled labels)."""
     from helpers import take_slice, write_dataset
 
     root = tmp_path_factory.mktemp("registry")
@@ -56,6 +60,16 @@ def world(tmp_path_factory, demo_manifest):
     models = {"good": "good", "good again": "good1", "bad": "bad0", "bad again": "bad1"}
     return {"params": params, "root": root, "prepared": prepared,
             **{name: model_dir(root / folder) for name, folder in models.items()}}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres-server"])
+def world(request, trained):
+    """The trained models and an empty store of each kind."""
+    uri = (f"sqlite:///{trained['root']}/mlflow.db" if request.param == "sqlite"
+           else request.getfixturevalue("team_platform")["mlflow"])
+    params = trained["params"]
+    return {**trained, "params": params.model_copy(update={"registry": params.registry.model_copy(
+        update={"tracking_uri": uri})})}
 
 
 def _register(world, which: str) -> str:
@@ -244,3 +258,39 @@ def test_model_runs_on_the_code_in_its_artifact(history, world, tmp_path):
                              item["text"]], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] in set(world["prepared"]["label"])
+
+
+_REGISTER = """
+import sys, time
+from pathlib import Path
+from fusionops.config import Params
+from fusionops.registry import register
+params = Params.model_validate_json(Path(sys.argv[1]).read_text())
+start = float(sys.argv[3])
+while time.time() < start:  # both processes register at the same moment
+    time.sleep(0.01)
+print(register(params, model_dir=Path(sys.argv[2]), metrics={}, artifacts=[], tags={})["version"])
+"""
+
+
+def test_two_processes_registering_at_once_on_the_server_get_distinct_versions(trained, team_platform, tmp_path):
+    params = trained["params"]
+    params = params.model_copy(update={"registry": params.registry.model_copy(update={
+        "tracking_uri": team_platform["mlflow"], "model_name": "concurrent-test", "experiment": "concurrent"})})
+    config = tmp_path / "params.json"
+    config.write_text(params.model_dump_json(by_alias=True))
+    start = str(time.time() + 25)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": team_platform["mlflow"]}
+    processes = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(config), str(trained[which]), start],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for which in ("good", "bad")]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    versions = {stdout.strip().splitlines()[-1] for stdout, _ in outputs}
+    assert versions == {"1", "2"}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=team_platform["mlflow"])
+    assert {v.version for v in client.search_model_versions("name = 'concurrent-test'")} == {"1", "2"}
+    assert client.get_model_version_by_alias("concurrent-test", "champion").version in versions

@@ -22,6 +22,7 @@ import numpy as np
 from filelock import FileLock
 
 from fusionops.atomic import atomic_path, write_json
+from fusionops.errors import DataError
 from fusionops.locks import held
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,12 @@ def content_key(content: bytes | str) -> str:
 
 
 class VectorCache:
-    """The cached vectors of one encoder (one key space) under `root/<encoder id>/`."""
+    """The cached vectors of one encoder (one key space) under `root/<encoder id>/`.
+
+    It keeps an index (key -> shard, row) in memory and reads vectors only when they are asked for, so checking
+    what is missing stays cheap however large the cache grows; shards written since the last look (by this process
+    or another one) are indexed on the next call.
+    """
 
     def __init__(self, root: Path, encoder_id: str, *, dim: int):
         self.dir = Path(root) / encoder_id
@@ -43,36 +49,40 @@ class VectorCache:
         meta = self.dir / "encoder.json"
         if not meta.exists():
             write_json(meta, {"encoder_id": encoder_id, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        self._vectors: dict[str, np.ndarray] = {}
-        self._loaded: set[str] = set()
+        self._index: dict[str, tuple[str, int]] = {}
+        self._seen: set[str] = set()
+
+    def _set_aside(self, shard: Path, err: Exception) -> None:
+        # Shards appear only by atomic rename, so an undecodable one was damaged after it was written:
+        # it costs a recompute, never a wrong vector. (OSError, e.g. permissions, is not damage: it is raised.)
+        log.warning("cache shard %s is damaged (%s): set aside as .damaged, its items are recomputed", shard, err)
+        with contextlib.suppress(OSError):  # another process may have set it aside first
+            shard.replace(shard.with_name(shard.name + ".damaged"))
+        self._index = {k: v for k, v in self._index.items() if v[0] != shard.name}
 
     def _refresh(self) -> None:
-        """Read shards written since the last look (by this process or another one)."""
-        for shard in sorted(self.dir.glob("shard-*.npz")):
-            if shard.name in self._loaded:
+        """Index the shards written since the last look (their keys only); forget shards removed since (pruned)."""
+        shards = sorted(self.dir.glob("shard-*.npz"))
+        gone = self._seen - {s.name for s in shards}
+        if gone:
+            self._seen -= gone
+            self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
+        for shard in shards:
+            if shard.name in self._seen:
                 continue
             try:
                 with np.load(shard, allow_pickle=False) as z:
-                    keys, vectors = z["keys"], z["vectors"]
-            except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as err:
-                # Shards appear only by atomic rename, so an undecodable one was damaged after it was written:
-                # it costs a recompute, never a wrong vector. (OSError, e.g. permissions, is not damage: raise.)
-                log.warning("cache shard %s is damaged (%s): set aside as .damaged, its items are recomputed",
-                            shard, err)
-                with contextlib.suppress(OSError):  # another process may have set it aside first
-                    shard.replace(shard.with_name(shard.name + ".damaged"))
+                    keys = z["keys"].tolist()
+            except _DAMAGE as err:
+                self._set_aside(shard, err)
                 continue
-            self._loaded.add(shard.name)
-            if vectors.shape[1:] != (self.dim,):
-                log.warning("ignoring cache shard %s: vectors of shape %s, expected dim %d",
-                            shard, vectors.shape, self.dim)
-                continue
-            self._vectors.update(zip(keys.tolist(), vectors, strict=True))
+            self._seen.add(shard.name)
+            self._index.update((k, (shard.name, row)) for row, k in enumerate(keys))
 
     def missing(self, keys: list[str]) -> list[str]:
         """Keys with no cached vector, without duplicates, in first-seen order."""
         self._refresh()
-        return [k for k in dict.fromkeys(keys) if k not in self._vectors]
+        return [k for k in dict.fromkeys(keys) if k not in self._index]
 
     def put(self, keys: list[str], vectors: np.ndarray) -> None:
         """Store one shard of vectors atomically."""
@@ -82,26 +92,46 @@ class VectorCache:
         name = f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
         with atomic_path(self.dir / name) as tmp, open(tmp, "wb") as f:
             np.savez(f, keys=np.asarray(keys, dtype="U64"), vectors=vectors)
-        self._vectors.update(zip(keys, vectors, strict=True))
-        self._loaded.add(name)
+        self._seen.add(name)
+        self._index.update((k, (name, row)) for row, k in enumerate(keys))
 
     def writer(self):
         """Hold the key space's write lock: a second extraction waits, then finds the vectors already cached."""
         return held(self.dir / ".write.lock", waiting=f"another process is computing {self.dir.name} vectors: waiting")
 
     def get(self, keys: list[str]) -> np.ndarray:
-        """Vectors for `keys`, in order; every key must be cached."""
+        """Vectors for `keys`, in order; every key must be cached. Each shard involved is read once."""
         self._refresh()
-        return np.stack([self._vectors[k] for k in keys]) if keys else np.empty((0, self.dim), np.float32)
+        out = np.empty((len(keys), self.dim), np.float32)
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            shard, row = self._index[key]
+            by_shard.setdefault(shard, []).append((i, row))
+        for shard, pairs in by_shard.items():
+            try:
+                with np.load(self.dir / shard, allow_pickle=False) as z:
+                    vectors = z["vectors"]
+            except _DAMAGE as err:
+                self._set_aside(self.dir / shard, err)
+                raise DataError(f"cache shard {shard} turned out damaged and was set aside: run again, its "
+                                "items will be recomputed") from None
+            if vectors.shape[1:] != (self.dim,):
+                raise DataError(f"cache shard {self.dir / shard} holds {vectors.shape[1:]} vectors, not ({self.dim},):"
+                                " remove it (`fusionops cache prune` sets damaged shards aside)")
+            rows, targets = [r for _, r in pairs], [i for i, _ in pairs]
+            out[targets] = vectors[rows]
+        return out
 
     def keys(self) -> set[str]:
         self._refresh()
-        return set(self._vectors)
+        return set(self._index)
 
     def __len__(self) -> int:
         self._refresh()
-        return len(self._vectors)
+        return len(self._index)
 
+
+_DAMAGE = (zipfile.BadZipFile, ValueError, EOFError, KeyError)
 
 
 def describe(root: Path) -> list[dict]:

@@ -175,11 +175,16 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     image_encoder = build_image_encoder(params.image)
     first_path = dict(zip(reversed(keys), reversed(paths), strict=True))  # identical files: encode one of them
     cache = VectorCache(params.cache_dir, key_space(image_encoder.id, precision), dim=image_encoder.dim)
-    image, computed = _through_cache(
-        cache, keys, lambda todo: iter_image_vectors(
-            image_encoder, [(first_path[k], k) for k in todo], batch_size=params.batch_size,
-            num_workers=workers, device=device, dtype=dtype, shard_size=params.shard_size),
-        shard_size=params.shard_size, description="image vectors", unit="img")
+    if params.executor == "dask":
+        from fusionops.features.distributed import dask_images
+
+        image, computed = dask_images(cache, keys, first_path, params, precision=precision)
+    else:
+        image, computed = _through_cache(
+            cache, keys, lambda todo: iter_image_vectors(
+                image_encoder, [(first_path[k], k) for k in todo], batch_size=params.batch_size,
+                num_workers=workers, device=device, dtype=dtype, shard_size=params.shard_size),
+            shard_size=params.shard_size, description="image vectors", unit="img")
     stats["image"] = {"items": len(df), "computed": computed, "cached": len(set(keys)) - computed,
                       "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -1,0 +1,110 @@
+"""Image vectors computed on a Dask cluster (features.executor: dask), into the same content-addressed cache.
+
+The work is the local path's, shard for shard: the same shards (lists of content keys, in the same order), the
+same batches inside each shard, the same atomic shard files. A worker first asks the shared cache what its shard
+still lacks, so nothing cached is computed again, whichever worker asks; a shard lost with a dead worker is
+rescheduled by Dask on another one. The coordinator (the `fusionops features` process) holds the key space's write
+lock for the whole run, exactly as a local extraction does.
+
+Workers need fusionops installed and the cache folder and the images reachable at the same paths (a shared
+filesystem); on one machine (a LocalCluster) that is the case.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from fusionops.config import FeaturesParams, ImageEncoderParams
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _worker_cache(cache_root: str, space: str, dim: int):
+    """One cache index per worker process: each shard task only indexes the shards written since the last one."""
+    from fusionops.features.cache import VectorCache
+
+    return VectorCache(Path(cache_root), space, dim=dim)
+
+
+@cache
+def _worker_encoder(image_params_json: str):
+    """One encoder per worker process, loaded once and reused by every shard it computes."""
+    from fusionops.features.image import build_image_encoder
+
+    return build_image_encoder(ImageEncoderParams.model_validate_json(image_params_json))
+
+
+def compute_shard(cache_root: str, space: str, dim: int, image_params_json: str, items: list[tuple[str, str]], *,
+                  batch_size: int, device: str, precision: str, torch_threads: int | None) -> int:
+    """On a worker: the vectors of one shard's (content key, path) items that the cache still lacks, stored as one
+    atomic shard. Returns how many were computed (0 when another worker or run already did them)."""
+    import torch
+
+    from fusionops.device import autocast_dtype, resolve_device
+    from fusionops.features.extract import encode_images
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    vectors = _worker_cache(cache_root, space, dim)
+    missing = set(vectors.missing([key for key, _ in items]))
+    todo = [(key, path) for key, path in items if key in missing]
+    if not todo:
+        return 0
+    encoder = _worker_encoder(image_params_json)
+    target = resolve_device(device)
+    out = encode_images(encoder, [(Path(path), key) for key, path in todo], batch_size=batch_size, num_workers=0,
+                        device=target, dtype=autocast_dtype(target, precision))
+    vectors.put([key for key, _ in todo], out)
+    return len(todo)
+
+
+@contextmanager
+def dask_client(params: FeaturesParams) -> Iterator[tuple[object, int | None]]:
+    """(client, torch threads per worker): the scheduler at features.dask_address, or a LocalCluster of
+    features.dask_workers processes started for this run and stopped after it."""
+    from distributed import Client, LocalCluster
+
+    if params.dask_address:
+        with Client(params.dask_address) as client:
+            yield client, None  # a real cluster's workers are sized by whoever runs them
+        return
+    workers = params.dask_workers
+    threads = max(1, (os.cpu_count() or 1) // workers)  # one worker per core share: no oversubscription
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client, threads
+
+
+def dask_images(vectors, keys: list[str], first_path: dict[str, Path], params: FeaturesParams, *,
+                precision: str) -> tuple[np.ndarray, int]:
+    """Vectors for `keys` through the shared cache, the missing shards computed on the cluster."""
+    from distributed import as_completed
+
+    from fusionops.progress import progress_bar
+
+    computed = 0
+    if vectors.missing(keys):
+        with vectors.writer():
+            todo = vectors.missing(keys)
+            shards = [todo[s:s + params.shard_size] for s in range(0, len(todo), params.shard_size)]
+            with dask_client(params) as (client, threads), progress_bar(unit="img") as bar:
+                log.info("%d shard(s) of image vectors on the Dask scheduler %s", len(shards), client.scheduler.address)
+                task = bar.add_task("image vectors (dask)", total=len(todo))
+                futures = {client.submit(
+                    compute_shard, str(vectors.dir.parent), vectors.dir.name, vectors.dim,
+                    params.image.model_dump_json(), [(k, str(first_path[k])) for k in shard],
+                    batch_size=params.batch_size, device=params.device, precision=precision, torch_threads=threads,
+                    pure=False,
+                ): len(shard) for shard in shards}
+                for future in as_completed(futures):
+                    computed += future.result()
+                    bar.advance(task, futures[future])
+    return vectors.get(keys), computed

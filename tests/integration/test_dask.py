@@ -1,0 +1,76 @@
+"""features.executor: dask — the same vectors as the local path, and a killed worker costs nothing but time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fusionops.config import FeaturesParams
+from fusionops.data.manifest import read_manifest
+from fusionops.features import extract_features, load_features
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory, demo_manifest):
+    from helpers import take_slice, write_dataset
+
+    folder = write_dataset(take_slice(demo_manifest, 50), tmp_path_factory.mktemp("dask-data"))
+    return folder, read_manifest(folder / "manifest.csv")  # 400 real items
+
+
+def settings(root, name: str, **kw) -> FeaturesParams:
+    return FeaturesParams(out_dir=root / f"out-{name}", cache_dir=root / f"cache-{name}", precision="fp32",
+                          batch_size=16, shard_size=32, num_workers=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def local(items, tmp_path_factory):
+    folder, df = items
+    root = tmp_path_factory.mktemp("local")
+    stats = extract_features(df, folder, settings(root, "local"))
+    return load_features(root / "out-local"), stats
+
+
+def test_local_cluster_gives_the_local_vectors(items, local, tmp_path):
+    folder, df = items
+    stats = extract_features(df, folder, settings(tmp_path, "dask", executor="dask", dask_workers=2))
+    assert stats["image"]["computed"] == local[1]["image"]["computed"]
+    dask = load_features(tmp_path / "out-dask")
+    np.testing.assert_array_equal(dask.image, local[0].image)  # same shards, same batches: identical
+    again = extract_features(df, folder, settings(tmp_path, "dask", executor="dask", dask_workers=2))
+    assert again["image"]["computed"] == 0  # cached: no worker computes anything again
+
+
+def test_a_killed_worker_still_ends_with_a_complete_cache(items, local, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from fusionops.features.cache import VectorCache
+
+    folder, df = items
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        params = settings(tmp_path, "killed", executor="dask", dask_address=cluster.scheduler_address)
+        result = {}
+        run = threading.Thread(target=lambda: result.update(stats=extract_features(df, folder, params)))
+        run.start()
+        cache_dir = tmp_path / "cache-killed"
+        deadline = time.time() + 180
+        while not list(cache_dir.glob("tf_efficientnet_lite0-*/shard-*.npz")):
+            assert run.is_alive() and time.time() < deadline, "extraction ended before a worker could be killed"
+            time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)  # a worker dies mid-run
+        run.join(timeout=300)
+        assert not run.is_alive() and "stats" in result
+    killed = load_features(tmp_path / "out-killed")
+    np.testing.assert_array_equal(killed.image, local[0].image)
+    space = next(cache_dir.glob("tf_efficientnet_lite0-*"))
+    assert len(VectorCache(cache_dir, space.name, dim=1280)) == local[1]["image"]["computed"]
+    assert not list(cache_dir.rglob("*.tmp")) and not list(cache_dir.rglob("*.damaged"))

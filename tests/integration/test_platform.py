@@ -1,0 +1,134 @@
+"""Team mode on real services: PostgreSQL, `mlflow server` and `prefect server` on it, a process worker.
+
+The platform is started by the `team_platform` fixture (`fusionops platform up`) and stopped after the session.
+The flows, CLI and registry code are the same as in the embedded mode: only MLFLOW_TRACKING_URI and PREFECT_API_URL
+differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
+
+
+def _fusionops(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([FUSIONOPS, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_status_shows_every_service_answering(team_platform):
+    result = _fusionops("platform", "status", *team_platform["flags"], cwd=team_platform["project"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    for service in ("postgres", "mlflow", "prefect", "worker"):
+        row = next(line for line in result.stdout.splitlines() if f" {service} " in line)
+        assert "yes" in row
+    exports = _fusionops("platform", "env", *team_platform["flags"], cwd=team_platform["project"]).stdout
+    assert f"export MLFLOW_TRACKING_URI={team_platform['mlflow']}" in exports
+    assert f"export PREFECT_API_URL={team_platform['api']}" in exports
+
+
+def test_stores_live_in_postgresql(team_platform):
+    import psycopg2
+
+    state = json.loads((team_platform["root"] / "platform.json").read_text())
+    assert oct((team_platform["root"] / "platform.json").stat().st_mode & 0o777) == "0o600"
+    url = f"postgresql://fusionops:{state['password']}@127.0.0.1:{state['postgres_port']}/"
+    for database, table in (("mlflow", "registered_models"), ("prefect", "deployment")):
+        with psycopg2.connect(url + database) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = %s", (table,))
+            assert cursor.fetchone()[0] == 1, f"{database} has no {table} table"
+
+
+async def _deployments_and_schedule():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with get_client() as client:
+        deployments = {d.name: d for d in await client.read_deployments()}
+        nightly = await client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["nightly"])))
+        return deployments, nightly
+
+
+def test_prefect_yaml_deployments_on_the_work_pool_and_the_nightly_schedule(team_platform):
+    import asyncio
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + 120
+    with temporary_settings({PREFECT_API_URL: team_platform["api"]}):
+        deployments, nightly = asyncio.run(_deployments_and_schedule())
+        while not nightly and time.monotonic() < deadline:  # the server's scheduler service runs in a loop
+            time.sleep(2)
+            deployments, nightly = asyncio.run(_deployments_and_schedule())
+    assert set(deployments) == {"on-demand", "nightly"}
+    project = str(team_platform["project"])
+    for deployment in deployments.values():
+        assert deployment.work_pool_name == "fusionops" and deployment.parameters == {"project_dir": project}
+    assert deployments["nightly"].schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly and {run.state_type.value for run in nightly} == {"SCHEDULED"}
+
+
+def test_training_pipeline_deployment_completes_on_the_worker(team_platform):
+    """run_deployment → the process worker runs the flow in the project; it logs to the platform's MLflow."""
+    import asyncio
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = team_platform["project"]
+    with temporary_settings({PREFECT_API_URL: team_platform["api"]}):
+        run = run_deployment("training_pipeline/on-demand", timeout=1200, poll_interval=3)
+
+        async def artifacts():
+            async with get_client() as client:
+                return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+
+        assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n" + \
+            (team_platform["root"] / "logs/worker.log").read_text()[-3000:]
+        report = {a.key: a for a in asyncio.run(artifacts())}["training-report"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert f"{metrics['test']['accuracy']:.4f}" in report.data
+
+    client = MlflowClient(tracking_uri=team_platform["mlflow"])
+    champion = client.get_model_version_by_alias("team-test", "champion")
+    logged = client.get_run(champion.run_id).data.metrics
+    assert logged["test.accuracy"] == metrics["test"]["accuracy"]
+    # Proxied artifacts: clients upload through the server, which keeps them in its --artifacts-destination.
+    assert client.get_run(champion.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list((team_platform["root"] / "mlartifacts").rglob("model.safetensors"))
+
+
+def test_up_on_a_taken_port_is_a_clear_error_and_down_stops_nothing_else(team_platform):
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="fusionops-platform-taken-"))
+    root.chmod(0o755)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _fusionops("platform", "up", "--dir", str(root), f"--postgres-port={port}",
+                            cwd=team_platform["project"])
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"port {port} is taken" in result.stderr
+        stopped = _fusionops("platform", "down", "--dir", str(root), cwd=team_platform["project"])
+        assert stopped.returncode == 0 and "nothing of ours was running" in stopped.stdout
+    shutil.rmtree(root)
+    # the running platform was not touched
+    assert _fusionops("platform", "status", *team_platform["flags"], cwd=team_platform["project"]).returncode == 0
