@@ -49,13 +49,13 @@ def test_local_cluster_gives_the_local_vectors(items, local, tmp_path):
 
 
 def test_a_killed_worker_still_ends_with_a_complete_cache(items, local, tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from fusionops.features.cache import VectorCache
+    from fusionops.features.distributed import local_cluster
 
     folder, df = items
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with local_cluster(2) as (cluster, _), Client(cluster) as client:  # a cluster reached by its address
         pids = list(client.run(os.getpid).values())
         params = settings(tmp_path, "killed", executor="dask", dask_address=cluster.scheduler_address)
         result = {}
@@ -74,3 +74,17 @@ def test_a_killed_worker_still_ends_with_a_complete_cache(items, local, tmp_path
     space = next(cache_dir.glob("tf_efficientnet_lite0-*"))
     assert len(VectorCache(cache_dir, space.name, dim=1280)) == local[1]["image"]["computed"]
     assert not list(cache_dir.rglob("*.tmp")) and not list(cache_dir.rglob("*.damaged"))
+
+
+def test_workers_keep_adaptive_malloc_and_leave_this_process_environment_alone():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ halves the encoder's speed; the nanny also writes it into os.environ."""
+    from distributed import Client
+
+    from fusionops.features.distributed import local_cluster
+
+    before = dict(os.environ)
+    with local_cluster(2) as (cluster, threads), Client(cluster) as client:
+        trim = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_")  # {worker: its value}
+        omp = client.run(os.getenv, "OMP_NUM_THREADS")
+    assert len(trim) == 2 and set(trim.values()) == {None} and set(omp.values()) == {str(threads)}
+    assert dict(os.environ) == before
