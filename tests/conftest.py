@@ -92,17 +92,31 @@ def team_platform(tmp_path_factory, slice_dir):
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
            "PATH": f"{Path(sys.executable).parent}:"
            f"{os.environ['PATH']}"}
-    started = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
     try:
+        started = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield {"root": root, "project": project, "ports": ports, "flags": flags, "up": started.stdout,
+        yield {"root": root, "project": project, "ports": ports, "flags": flags, "up": started.stdout, "env": env,
                "mlflow": f"http://127.0.0.1:{ports['mlflow']}", "api": f"http://127.0.0.1:{ports['prefect']}/api"}
     finally:
+        groups = [int(p.read_text().split()[0]) for p in (root / "run").glob("*.pid")]
         down = subprocess.run([fusionops, "platform", "down", *flags], cwd=project, env=env, capture_output=True,
                               text=True, timeout=300)
-        pids = [p.read_text().strip() for p in (root / "run").glob("*.pid")]
+        left = [pid for pid in groups if _group_runs(pid)]
         shutil.rmtree(root, ignore_errors=True)
-        assert down.returncode == 0 and not pids, down.stdout + down.stderr
+        assert down.returncode == 0 and len(groups) == 4 and not left, f"{down.stdout}{down.stderr}; left: {left}"
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of the group (or the process, for PostgreSQL's postmaster) is still running."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if (int(pgrp) == pgid or pid == pgid) and state != "Z":
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")

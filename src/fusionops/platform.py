@@ -40,7 +40,8 @@ class PlatformError(UserError):
 
 @dataclass(frozen=True)
 class Platform:
-    """Where the services live and listen; the password is made once and kept in platform.json (mode 600)."""
+    """Where the services live and listen. The database password is made once, kept in `<dir>/password` (mode 600);
+    `<dir>/platform.json` (readable by all) records where a running platform listens."""
 
     root: Path
     host: str
@@ -50,7 +51,6 @@ class Platform:
     work_pool: str
     postgres_bin: Path
     run_as: str
-    password: str
 
     @property
     def mlflow_url(self) -> str:
@@ -59,6 +59,14 @@ class Platform:
     @property
     def prefect_api_url(self) -> str:
         return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def password(self) -> str:
+        path = self.root / "password"
+        if not path.is_file():
+            raise PlatformError(f"{path} is gone, and the cluster in {self.pgdata} was made with the password it held: "
+                                f"restore it, or remove {self.pgdata} to start afresh (its data is lost)")
+        return path.read_text().strip()
 
     def database_url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://{DB_USER}:{self.password}@{self.host}:{self.postgres_port}/{database}"
@@ -78,26 +86,54 @@ class Platform:
         return self.root / "logs" / f"{service}.log"
 
 
+SERVICES = ("postgres", "mlflow", "prefect", "worker")
+_WHERE = ("host", "postgres_port", "mlflow_port", "prefect_port", "work_pool")
+
+
 def resolve(params: PlatformParams, **overrides) -> Platform:
-    """Flags (or their environment variables) first, then what an existing platform was made with, then params."""
+    """Flags (or their environment variables) first, then params.yaml; while the platform runs, where it runs.
+
+    Asking a running platform for other ports or another pool is an error: `down` first (else `up` would start a
+    second copy beside the first, which `down` could no longer stop).
+    """
     settings = params.model_dump()
     root = Path(overrides.get("dir") or settings["dir"]).resolve()
     state_file = root / "platform.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    for key in ("host", "postgres_port", "mlflow_port", "prefect_port", "work_pool"):
-        settings[key] = overrides.get(key) or state.get(key) or settings[key]
+    try:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise PlatformError(f"{state_file} is unreadable ({err}): remove it; `fusionops platform up` writes it "
+                            f"again") from None
+    running = [service for service in SERVICES if _recorded_pid(root / "run" / f"{service}.pid") is not None]
+    for key in _WHERE:
+        requested = overrides.get(key)
+        if running and key in state:
+            if requested is not None and requested != state[key]:
+                raise PlatformError(f"the platform in {root} runs with {key.replace('_', '-')} {state[key]} "
+                                    f"({', '.join(running)} up): `fusionops platform down` first to change it")
+            settings[key] = state[key]
+        elif requested is not None:
+            settings[key] = requested
     return Platform(root=root, host=settings["host"], postgres_port=settings["postgres_port"],
                     mlflow_port=settings["mlflow_port"], prefect_port=settings["prefect_port"],
                     work_pool=settings["work_pool"], postgres_bin=Path(settings["postgres_bin"]),
-                    run_as=settings["run_as"], password=state.get("password") or secrets.token_urlsafe(18))
+                    run_as=settings["run_as"])
 
 
 def _save_state(platform: Platform) -> None:
-    platform.root.mkdir(parents=True, exist_ok=True)
-    state = {"host": platform.host, "postgres_port": platform.postgres_port, "mlflow_port": platform.mlflow_port,
-             "prefect_port": platform.prefect_port, "work_pool": platform.work_pool, "password": platform.password}
-    write_json(platform.root / "platform.json", state)
-    (platform.root / "platform.json").chmod(0o600)  # it holds the database password
+    write_json(platform.root / "platform.json", {key: getattr(platform, key) for key in _WHERE})
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically, never readable by others even for a moment."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 # --- processes -----------------------------------------------------------------------------------------------------
@@ -113,13 +149,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _our_pid(platform: Platform, service: str) -> int | None:
-    """The pid `up` recorded for a service, if that process still runs."""
-    path = platform.pid_file(service)
-    if not path.is_file():
+def _started_at(pid: int) -> str | None:
+    """The boot and the process's start time (ticks since boot, /proc/PID/stat field 22): with the pid, they name
+    one process for good, so a pid reused after a crash or a reboot is never taken for ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
         return None
-    pid = int(path.read_text().split()[0])
-    return pid if _alive(pid) else None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _record_pid(platform: Platform, service: str, pid: int) -> None:
+    write_text(platform.pid_file(service), f"{pid} {_started_at(pid)}\n")
+
+
+def _recorded_pid(path: Path) -> int | None:
+    """The pid in a pid file `up` wrote, if that very process still runs."""
+    try:
+        pid, started = path.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None  # no file, or not one of ours
+    return pid if _alive(pid) and _started_at(pid) == started else None
+
+
+def _our_pid(platform: Platform, service: str) -> int | None:
+    return _recorded_pid(platform.pid_file(service))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -132,33 +188,35 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _spawn(platform: Platform, service: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+def _spawn(platform: Platform, service: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start a service in its own session (so `down` stops it with its children) and record its pid."""
     logfile = platform.log_file(service)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     platform.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as out:
-        process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    write_text(platform.pid_file(service), f"{process.pid}\n")
-    return process.pid
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    _record_pid(platform, service, process.pid)
+    return process
 
 
 def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
 
 
-def _wait(platform: Platform, service: str, ready, pid: int | None, timeout: float) -> None:
+def _wait(platform: Platform, service: str, ready, process: subprocess.Popen | None, timeout: float) -> None:
+    """Until `ready()`; a service that exits meanwhile is an error showing the end of its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
             return
-        if pid is not None and not _alive(pid):
-            raise PlatformError(f"{service} stopped while starting; the end of {platform.log_file(service)}:\n"
-                                f"{_tail(platform.log_file(service))}")
+        if process is not None and process.poll() is not None:
+            platform.pid_file(service).unlink(missing_ok=True)
+            raise PlatformError(f"{service} stopped while starting (exit {process.returncode}); the end of "
+                                f"{platform.log_file(service)}:\n{_tail(platform.log_file(service))}")
         time.sleep(0.5)
-    raise PlatformError(f"{service} did not answer within {timeout:.0f} s; see {platform.log_file(service)}:\n"
-                        f"{_tail(platform.log_file(service))}")
+    raise PlatformError(f"{service} did not answer within {timeout:.0f} s (it keeps starting: `fusionops platform "
+                        f"status`, or `down`); see {platform.log_file(service)}:\n{_tail(platform.log_file(service))}")
 
 
 def _http_ok(url: str) -> bool:
@@ -170,23 +228,42 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (a zombie waiting for its parent to reap it does not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
 def _stop(platform: Platform, service: str, timeout: float = 30) -> bool:
-    """SIGTERM the service's process group, SIGKILL it after `timeout`; True when something was stopped."""
+    """SIGTERM the service's whole process group, SIGKILL what is left after `timeout`; True when it was running.
+    The pid file goes only once the group is gone, so an interrupted `down` can be run again."""
     pid = _our_pid(platform, service)
-    platform.pid_file(service).unlink(missing_ok=True)
     if pid is None:
+        platform.pid_file(service).unlink(missing_ok=True)
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.2)
+        if _group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            while _group_alive(pid):
+                _reap(pid)
+                time.sleep(0.1)
     except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    _reap(pid)
+        pass
+    except PermissionError:
+        raise PlatformError(f"{service} (pid {pid}) belongs to another user: run `fusionops platform down` as the "
+                            f"user who ran `up`") from None
+    platform.pid_file(service).unlink(missing_ok=True)
     return True
 
 
@@ -238,38 +315,58 @@ def _pg(platform: Platform, program: str) -> str:
 
 
 def _postgres_running(platform: Platform) -> bool:
+    """Whether anything answers as PostgreSQL on the platform's port."""
     result = subprocess.run([_pg(platform, "pg_isready"), "-q", "-h", platform.host, "-p",
                              str(platform.postgres_port)], capture_output=True)
     return result.returncode == 0
+
+
+def _our_cluster_pid(platform: Platform) -> int | None:
+    """The postmaster of the platform's own cluster, if it runs (whatever answers on the port)."""
+    pidfile = platform.pgdata / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _initdb(platform: Platform) -> None:
+    data = platform.pgdata
+    if data.exists() and any(data.iterdir()):
+        raise PlatformError(f"{data} is not empty and holds no PostgreSQL cluster: empty it or choose another "
+                            f"platform.dir")
+    password = platform.root / "password"
+    if not password.is_file():
+        _write_private(password, secrets.token_urlsafe(18) + "\n")
+    data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)
+    secret = platform.root / "run" / "pwfile"  # initdb's copy, readable by the user it runs as
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(secret, platform.password + "\n")
+    if os.geteuid() == 0:
+        for path in (data, secret):
+            shutil.chown(path, platform.run_as)
+    try:
+        result = subprocess.run(_as_postgres_user(platform, [
+            _pg(platform, "initdb"), "-D", str(data), "-U", DB_USER, f"--pwfile={secret}", "-A", "scram-sha-256",
+            "-E", "UTF8", "--locale=C", "--no-instructions"]), capture_output=True, text=True)
+    finally:
+        secret.unlink(missing_ok=True)
+    if result.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        raise PlatformError(f"initdb failed: {result.stderr.strip()[-800:]}")
+    log.info("initialised a PostgreSQL cluster in %s", data)
 
 
 def _postgres_up(platform: Platform) -> str:
     _check_reachable(platform)
     data = platform.pgdata
     if not (data / "PG_VERSION").is_file():
-        if data.exists() and any(data.iterdir()):
-            raise PlatformError(f"{data} is not empty and holds no PostgreSQL cluster: empty it or choose another "
-                                f"platform.dir")
-        data.mkdir(parents=True, exist_ok=True)
-        data.chmod(0o700)
-        secret = platform.root / "run" / "pwfile"
-        secret.parent.mkdir(parents=True, exist_ok=True)
-        secret.write_text(platform.password + "\n")
-        secret.chmod(0o600)
-        if os.geteuid() == 0:
-            for path in (data, secret):
-                shutil.chown(path, platform.run_as)
-        try:
-            result = subprocess.run(_as_postgres_user(platform, [
-                _pg(platform, "initdb"), "-D", str(data), "-U", DB_USER, f"--pwfile={secret}", "-A", "scram-sha-256",
-                "-E", "UTF8", "--locale=C", "--no-instructions"]), capture_output=True, text=True)
-        finally:
-            secret.unlink(missing_ok=True)
-        if result.returncode != 0:
-            shutil.rmtree(data, ignore_errors=True)
-            raise PlatformError(f"initdb failed: {result.stderr.strip()[-800:]}")
-        log.info("initialised a PostgreSQL cluster in %s", data)
-    if _postgres_running(platform):
+        _initdb(platform)
+    platform.password  # noqa: B018 — a cluster whose password file is gone is an error now, not after starting it
+    pid = _our_cluster_pid(platform)
+    if pid is not None:
         state = "already running"
     else:
         if not _port_free(platform.host, platform.postgres_port):
@@ -280,15 +377,16 @@ def _postgres_up(platform: Platform) -> str:
         if os.geteuid() == 0:
             logfile.touch()
             shutil.chown(logfile, platform.run_as)
-        options = f"-c listen_addresses={platform.host} -p {platform.postgres_port} -k {data}"
+        # TCP on the platform's address only: no Unix socket (its path could be too long or hold spaces).
+        options = f"-c listen_addresses={platform.host} -p {platform.postgres_port} -c unix_socket_directories=''"
         result = subprocess.run(_as_postgres_user(platform, [
             _pg(platform, "pg_ctl"), "-D", str(data), "-l", str(logfile), "-o", options, "-w", "-t", "60", "start"]),
             capture_output=True, text=True)
-        if result.returncode != 0:
+        pid = _our_cluster_pid(platform)
+        if result.returncode != 0 or pid is None:
             raise PlatformError(f"PostgreSQL did not start: {result.stderr.strip()[-400:]}\n{_tail(logfile)}")
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        write_text(platform.pid_file("postgres"), f"{pid}\n")
         state = "started"
+    _record_pid(platform, "postgres", pid)
     _create_databases(platform, ["mlflow", "prefect"])
     return state
 
@@ -296,7 +394,12 @@ def _postgres_up(platform: Platform) -> str:
 def _create_databases(platform: Platform, names: list[str]) -> None:
     import psycopg2
 
-    connection = psycopg2.connect(platform.database_url("postgres"))
+    try:
+        connection = psycopg2.connect(platform.database_url("postgres"), connect_timeout=10)
+    except psycopg2.Error as err:
+        raise PlatformError(f"cannot log in to the platform's PostgreSQL on port {platform.postgres_port} "
+                            f"({str(err).strip()[:300]}): is {platform.root / 'password'} the one it was made "
+                            f"with?") from None
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
@@ -336,23 +439,25 @@ def _prefect_env(platform: Platform) -> dict[str, str]:
 
 def _start_http(platform: Platform, service: str, port: int, health: str, args: list[str], env: dict[str, str],
                 timeout: float) -> str:
-    if _our_pid(platform, service) is not None and _http_ok(health):
+    if _our_pid(platform, service) is not None:  # ours, perhaps still starting: never a second copy
+        _wait(platform, service, lambda: _http_ok(health), None, timeout)
         return "already running"
     if not _port_free(platform.host, port):
         raise PlatformError(f"port {port} ({service}) is taken by another program: stop it or choose another port "
                             f"(fusionops platform up --help)")
-    pid = _spawn(platform, service, args, env)
-    _wait(platform, service, lambda: _http_ok(health), pid, timeout)
+    process = _spawn(platform, service, args, env)
+    _wait(platform, service, lambda: _http_ok(health), process, timeout)
     return "started"
 
 
 def _mlflow_up(platform: Platform) -> str:
     artifacts = platform.root / "mlartifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
+    # The store URI holds the password: pass it in the environment (readable by this user only), not in argv (ps).
+    env = _service_env(platform, MLFLOW_BACKEND_STORE_URI=platform.database_url("mlflow"))
     return _start_http(platform, "mlflow", platform.mlflow_port, f"{platform.mlflow_url}/health", [
-        str(BIN / "mlflow"), "server", "--backend-store-uri", platform.database_url("mlflow"),
-        "--artifacts-destination", str(artifacts), "--host", platform.host, "--port", str(platform.mlflow_port),
-        "--workers", "2"], _service_env(platform), timeout=180)
+        str(BIN / "mlflow"), "server", "--artifacts-destination", str(artifacts), "--host", platform.host,
+        "--port", str(platform.mlflow_port), "--workers", "2"], env, timeout=180)
 
 
 def _prefect_up(platform: Platform) -> str:
@@ -365,23 +470,35 @@ def _prefect_up(platform: Platform) -> str:
 
 
 def _prefect(platform: Platform, *args: str, cwd: Path | None = None, env: dict | None = None) -> str:
-    result = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd,
-                            env={**_prefect_env(platform), **(env or {})}, capture_output=True, text=True,
-                            timeout=600)
+    try:
+        result = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd,
+                                env={**_prefect_env(platform), **(env or {})}, capture_output=True, text=True,
+                                timeout=600)
+    except subprocess.TimeoutExpired:
+        raise PlatformError(f"`prefect {' '.join(args)}` did not finish in 600 s") from None
     if result.returncode != 0:
         raise PlatformError(f"`prefect {' '.join(args)}` failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")
     return result.stdout
 
 
-def _worker_online(platform: Platform) -> bool:
+def _worker_online(platform: Platform, since: float = 0.0) -> bool:
+    """Whether the platform's worker is online, with a heartbeat newer than `since` (a timestamp)."""
     from prefect.client.orchestration import get_client
 
     async def read() -> bool:
         async with get_client() as client:
             workers = await client.read_workers_for_work_pool(platform.work_pool)
-            return any(w.status.value == "ONLINE" for w in workers)
+            return any(w.name == _worker_name(platform) and w.status.value == "ONLINE" and w.last_heartbeat_time
+                       and w.last_heartbeat_time.timestamp() > since for w in workers)
 
-    return _with_prefect_api(platform, read)
+    try:
+        return _with_prefect_api(platform, read)
+    except Exception:  # noqa: BLE001 — no pool, another server on the port, a server going down: not online
+        return False
+
+
+def _worker_name(platform: Platform) -> str:
+    return f"{platform.work_pool}-worker-1"
 
 
 def _with_prefect_api(platform: Platform, coroutine_fn):
@@ -394,18 +511,35 @@ def _with_prefect_api(platform: Platform, coroutine_fn):
         return asyncio.run(coroutine_fn())
 
 
+def _pool_exists(platform: Platform) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async def read() -> bool:
+        async with get_client() as client:
+            try:
+                await client.read_work_pool(platform.work_pool)
+            except ObjectNotFound:
+                return False
+            return True
+
+    return _with_prefect_api(platform, read)
+
+
 def _worker_up(platform: Platform) -> str:
-    _prefect(platform, "work-pool", "create", platform.work_pool, "--type", "process", "--overwrite")
+    if not _pool_exists(platform):  # an existing pool keeps what the team set on it (concurrency, job template)
+        _prefect(platform, "work-pool", "create", platform.work_pool, "--type", "process")
     if _our_pid(platform, "worker") is not None:
         return "already running"
     # The worker's flow runs inherit its environment: they log to the platform's MLflow.
     env = _prefect_env(platform)
     env["MLFLOW_TRACKING_URI"] = platform.mlflow_url
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")
-    pid = _spawn(platform, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", platform.work_pool,
-                                      "--type", "process", "--name", f"{platform.work_pool}-worker-1",
-                                      "--install-policy", "never"], env)
-    _wait(platform, "worker", lambda: _worker_online(platform), pid, timeout=120)
+    started = time.time()
+    process = _spawn(platform, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", platform.work_pool,
+                                          "--type", "process", "--name", _worker_name(platform),
+                                          "--install-policy", "never"], env)
+    _wait(platform, "worker", lambda: _worker_online(platform, since=started), process, timeout=120)
     return "started"
 
 
@@ -438,12 +572,18 @@ def deployments(platform: Platform) -> list[str]:
 
 
 def up(platform: Platform, project_dir: Path, params) -> dict[str, str]:
-    """Start what is not running yet, in dependency order; idempotent."""
-    _save_state(platform)
+    """Start what is not running yet, in dependency order, then (re)deploy prefect.yaml; safe to run again."""
+    if not (project_dir / "prefect.yaml").is_file():
+        raise PlatformError(f"{project_dir / 'prefect.yaml'} not found: run from the fusionops project folder")
+    if platform.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the platform's servers have no authentication: on %s anyone who reaches them can run code as "
+                    "this user (docs/scaling.md: put auth in front)", platform.host)
+    platform.root.mkdir(parents=True, exist_ok=True)
     states = {"postgres": _postgres_up(platform)}
     states["mlflow"] = _mlflow_up(platform)
     states["prefect"] = _prefect_up(platform)
     states["worker"] = _worker_up(platform)
+    _save_state(platform)
     states["deployments"] = ", ".join(deploy(platform, project_dir, params))
     return states
 
@@ -459,8 +599,9 @@ class ServiceStatus:
 def status(platform: Platform) -> list[ServiceStatus]:
     postgres = f"postgresql://{DB_USER}@{platform.host}:{platform.postgres_port}"
     prefect_ok = _http_ok(f"{platform.prefect_api_url}/health")
+    ours = _our_pid(platform, "postgres")
     return [
-        ServiceStatus("postgres", postgres, _our_pid(platform, "postgres"), _postgres_running(platform)),
+        ServiceStatus("postgres", postgres, ours, ours is not None and _postgres_running(platform)),
         ServiceStatus("mlflow", platform.mlflow_url, _our_pid(platform, "mlflow"),
                       _http_ok(f"{platform.mlflow_url}/health")),
         ServiceStatus("prefect", platform.prefect_api_url, _our_pid(platform, "prefect"), prefect_ok),

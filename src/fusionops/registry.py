@@ -48,7 +48,9 @@ def _client(params: Params):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(params.registry.http_timeout))
     uri = tracking_uri(params)
     # set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then outrank the next project's params
-    # in this same process (a worker, a notebook): keep the environment as the user left it.
+    # in this same process (a worker, a notebook): keep the environment as the user left it. (Between the two
+    # lines another thread could see it: threads of one process registering to different stores is not supported;
+    # MLflow's own tracking URI is process-global anyway.)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:
@@ -119,6 +121,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Move an alias. Two processes setting one alias at once can collide in the server's store (it checks, then
+    inserts: PostgreSQL answers with a unique violation); the second attempt finds the row and updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            collided = "UniqueViolation" in str(err) or "UNIQUE constraint failed" in str(err)
+            if not collided or attempt == attempts - 1:
+                raise
+            log.info("alias %s of %s was being set by another process: trying again", alias, name)
+            time.sleep(0.2 * (attempt + 1))
+
+
 def current_alias_version(client, name: str, alias: str) -> str | None:
     """The version holding `alias`, or None (read one alias at a time: searches may omit aliases)."""
     from mlflow.exceptions import MlflowException
@@ -160,7 +179,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     tags["model_sha256"] = sha256_file(Path(model_dir) / WEIGHTS_FILE)
     existing = _already_registered(client, name, tags["model_sha256"])
     if existing is not None:
-        client.set_registered_model_alias(name, CHALLENGER, existing)
+        _set_alias(client, name, CHALLENGER, existing)
         log.info("%s version %s already holds these weights: not registered again", name, existing)
         return {"name": name, "version": existing, "run_id": client.get_model_version(name, existing).run_id,
                 "aliases": [CHALLENGER], "new": False, "tracking_uri": uri}
@@ -201,9 +220,9 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     aliases = [CHALLENGER]
     previous_challenger = current_alias_version(client, name, CHALLENGER)
     try:
-        client.set_registered_model_alias(name, CHALLENGER, number)
+        _set_alias(client, name, CHALLENGER, number)
         if current_alias_version(client, name, CHAMPION) is None:
-            client.set_registered_model_alias(name, CHAMPION, number)
+            _set_alias(client, name, CHAMPION, number)
             aliases.append(CHAMPION)
         client.set_terminated(run_id, status="FINISHED")
     except Exception:
@@ -211,7 +230,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         with contextlib.suppress(Exception):
             client.delete_model_version(name, number)
             if previous_challenger is not None:
-                client.set_registered_model_alias(name, CHALLENGER, previous_challenger)
+                _set_alias(client, name, CHALLENGER, previous_challenger)
             client.set_terminated(run_id, status="FAILED")
         raise
     log.info("registered %s version %s (%s)", name, number, ", ".join(aliases))
@@ -330,7 +349,7 @@ def promote(params: Params) -> dict:
     if champion is None:
         _record(client, name, challenger, {"promotion.decision": "promoted", "promotion.reason": "no champion yet",
                                            "promotion.time": now})
-        client.set_registered_model_alias(name, CHAMPION, challenger)
+        _set_alias(client, name, CHAMPION, challenger)
         return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
                 "reason": "there was no champion"}
 
@@ -356,7 +375,7 @@ def promote(params: Params) -> dict:
     if result.promote:
         # MLflow keeps no alias history: the previous champion is remembered on the new one, for rollback.
         _record(client, name, challenger, {"previous_champion": champion, "champion_since": now})
-        client.set_registered_model_alias(name, CHAMPION, challenger)
+        _set_alias(client, name, CHAMPION, challenger)
     # The decision is recorded once it holds: a failed alias move never leaves a version tagged "promoted".
     _record(client, name, challenger, {"promotion.decision": decision})
     log.info("%s version %s %s: %s", name, challenger, decision, result.reason)
@@ -382,9 +401,9 @@ def rollback(params: Params) -> dict:
     _record(client, name, champion, {"rollback.time": now, "rollback.to": previous,
                                      BLOCKED: f"rolled back to version {previous} at {now}"})
     _record(client, name, previous, {"rollback.from": champion, "champion_since": now})
-    client.set_registered_model_alias(name, CHAMPION, previous)
+    _set_alias(client, name, CHAMPION, previous)
     # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
-    client.set_registered_model_alias(name, CHALLENGER, previous)
+    _set_alias(client, name, CHALLENGER, previous)
     reason = f"champion moved back from version {champion} to version {previous}"
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.info("%s: %s", name, reason)

@@ -26,9 +26,10 @@ def dvc(*args: str, cwd: Path) -> str:
 def configure_remote(root: Path, remote: RemoteParams) -> str | None:
     """Make params.yaml's remote the project's default DVC remote (in .dvc/config, committed with the project, so
     every clone can `dvc pull`). Returns the remote's name, or None when params set none and none is configured."""
-    if remote.url is None:
-        listed = dvc("remote", "list", cwd=root).split()
-        return listed[0] if listed else None  # a remote configured by hand is used as it is
+    if remote.url is None:  # a default remote configured by hand is used as it is
+        result = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=root, capture_output=True,
+                                text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        return (result.stdout.strip() or None) if result.returncode == 0 else None  # exit 1: no default remote
     url = str(remote.url)
     configured = dict(line.split(None, 1) for line in dvc("remote", "list", cwd=root).splitlines() if line.strip())
     if configured.get(remote.name, "").split()[0:1] != [url]:

@@ -78,6 +78,21 @@ def test_damaged_shard_is_recomputed_not_trusted(slice_dir, params):
     np.testing.assert_allclose(load_features(params.out_dir).image, good, rtol=1e-5, atol=1e-5)
 
 
+def test_shard_of_wrong_shape_is_set_aside_and_recomputed(slice_dir, params):
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:8]
+    extract_features(df, slice_dir, params)
+    good = load_features(params.out_dir).image
+    image_space = next(p.parent for p in params.cache_dir.glob("tf_efficientnet*/encoder.json"))
+    (shard,) = image_space.glob("shard-*.npz")
+    with np.load(shard) as z:  # a readable shard whose vectors are not this encoder's (a half-copied cache...)
+        keys, vectors = z["keys"], z["vectors"]
+    with open(shard, "wb") as f:
+        np.savez(f, keys=keys, vectors=vectors[:, :100])
+    stats = extract_features(df, slice_dir, params)
+    assert stats["image"]["computed"] == 8 and len(list(image_space.glob("*.damaged"))) == 1
+    np.testing.assert_allclose(load_features(params.out_dir).image, good, rtol=1e-5, atol=1e-5)
+
+
 def test_outputs_are_written_whole(slice_dir, params):
     df = read_manifest(slice_dir / "manifest.csv").iloc[:4]
     extract_features(df, slice_dir, params)

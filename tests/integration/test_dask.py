@@ -55,6 +55,7 @@ def test_a_killed_worker_still_ends_with_a_complete_cache(items, local, tmp_path
     from fusionops.features.distributed import local_cluster
 
     folder, df = items
+    before = dict(os.environ)
     with local_cluster(2) as (cluster, _), Client(cluster) as client:  # a cluster reached by its address
         pids = list(client.run(os.getpid).values())
         params = settings(tmp_path, "killed", executor="dask", dask_address=cluster.scheduler_address)
@@ -69,6 +70,7 @@ def test_a_killed_worker_still_ends_with_a_complete_cache(items, local, tmp_path
         os.kill(pids[0], signal.SIGKILL)  # a worker dies mid-run
         run.join(timeout=300)
         assert not run.is_alive() and "stats" in result
+    assert dict(os.environ) == before  # the nanny that restarted the dead worker wrote here: put back
     killed = load_features(tmp_path / "out-killed")
     np.testing.assert_array_equal(killed.image, local[0].image)
     space = next(cache_dir.glob("tf_efficientnet_lite0-*"))
@@ -88,3 +90,16 @@ def test_workers_keep_adaptive_malloc_and_leave_this_process_environment_alone()
         omp = client.run(os.getenv, "OMP_NUM_THREADS")
     assert len(trim) == 2 and set(trim.values()) == {None} and set(omp.values()) == {str(threads)}
     assert dict(os.environ) == before
+
+
+def test_unreachable_scheduler_is_a_clear_error(items, tmp_path):
+    import dask
+
+    from fusionops.errors import UserError
+    from helpers import free_port
+
+    folder, df = items
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}), \
+            pytest.raises(UserError, match="no Dask scheduler answers at features.dask_address"):
+        extract_features(df.head(4), folder, settings(tmp_path, "nowhere", executor="dask", dask_address=address))

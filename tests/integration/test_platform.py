@@ -38,12 +38,26 @@ def test_status_shows_every_service_answering(team_platform):
     assert f"export PREFECT_API_URL={team_platform['api']}" in exports
 
 
+def test_up_again_starts_nothing(team_platform):
+    pids = {p.name: p.read_text() for p in (team_platform["root"] / "run").glob("*.pid")}
+    again = _fusionops("platform", "up", *team_platform["flags"], cwd=team_platform["project"],
+                       env=team_platform["env"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    for service in ("postgres", "mlflow", "prefect", "worker"):
+        assert f"{service:12} already running" in again.stdout
+    assert {p.name: p.read_text() for p in (team_platform["root"] / "run").glob("*.pid")} == pids
+    # Asking the running platform for another port is refused: a second copy would escape `down`.
+    moved = _fusionops("platform", "up", *team_platform["flags"], "--mlflow-port=1", cwd=team_platform["project"])
+    assert moved.returncode == 1 and "platform down` first" in moved.stderr and "Traceback" not in moved.stderr
+
+
 def test_stores_live_in_postgresql(team_platform):
     import psycopg2
 
     state = json.loads((team_platform["root"] / "platform.json").read_text())
-    assert oct((team_platform["root"] / "platform.json").stat().st_mode & 0o777) == "0o600"
-    url = f"postgresql://fusionops:{state['password']}@127.0.0.1:{state['postgres_port']}/"
+    assert "password" not in state and (team_platform["root"] / "password").stat().st_mode & 0o077 == 0
+    password = (team_platform["root"] / "password").read_text().strip()
+    url = f"postgresql://fusionops:{password}@127.0.0.1:{state['postgres_port']}/"
     for database, table in (("mlflow", "registered_models"), ("prefect", "deployment")):
         with psycopg2.connect(url + database) as connection, connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = %s", (table,))
@@ -127,8 +141,15 @@ def test_up_on_a_taken_port_is_a_clear_error_and_down_stops_nothing_else(team_pl
                             cwd=team_platform["project"])
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"port {port} is taken" in result.stderr
+        # A pid file left from before a reboot, whose pid now belongs to another program: not ours to stop.
+        other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        (root / "run").mkdir(exist_ok=True)
+        (root / "run/mlflow.pid").write_text(f"{other.pid} 12345\n")
         stopped = _fusionops("platform", "down", "--dir", str(root), cwd=team_platform["project"])
         assert stopped.returncode == 0 and "nothing of ours was running" in stopped.stdout
+        assert other.poll() is None, "down stopped a process it did not start"
+        other.kill()
+        other.wait()
     shutil.rmtree(root)
     # the running platform was not touched
     assert _fusionops("platform", "status", *team_platform["flags"], cwd=team_platform["project"]).returncode == 0

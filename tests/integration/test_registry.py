@@ -265,9 +265,11 @@ import sys, time
 from pathlib import Path
 from fusionops.config import Params
 from fusionops.registry import register
+import mlflow  # imported before the barrier: the two registrations themselves overlap
 params = Params.model_validate_json(Path(sys.argv[1]).read_text())
-start = float(sys.argv[3])
-while time.time() < start:  # both processes register at the same moment
+go = Path(sys.argv[3])
+print("ready", flush=True)
+while not go.exists():  # both processes register at the same moment
     time.sleep(0.01)
 print(register(params, model_dir=Path(sys.argv[2]), metrics={}, artifacts=[], tags={})["version"])
 """
@@ -279,11 +281,14 @@ def test_two_processes_registering_at_once_on_the_server_get_distinct_versions(t
         "tracking_uri": team_platform["mlflow"], "model_name": "concurrent-test", "experiment": "concurrent"})})
     config = tmp_path / "params.json"
     config.write_text(params.model_dump_json(by_alias=True))
-    start = str(time.time() + 25)
+    go = tmp_path / "go"
     env = {**os.environ, "MLFLOW_TRACKING_URI": team_platform["mlflow"]}
-    processes = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(config), str(trained[which]), start],
+    processes = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(config), str(trained[which]), str(go)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for which in ("good", "bad")]
+    for process in processes:  # a barrier: both are ready before either starts
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()[-3000:]
+    go.touch()
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]

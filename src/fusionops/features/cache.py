@@ -73,8 +73,13 @@ class VectorCache:
             try:
                 with np.load(shard, allow_pickle=False) as z:
                     keys = z["keys"].tolist()
+                    shape = _stored_shape(z, "vectors")
+                if shape != (len(keys), self.dim):
+                    raise ValueError(f"{shape} vectors for {len(keys)} keys of dim {self.dim}")
             except _DAMAGE as err:
                 self._set_aside(shard, err)
+                continue
+            except FileNotFoundError:  # pruned (or set aside) by another process since the listing
                 continue
             self._seen.add(shard.name)
             self._index.update((k, (shard.name, row)) for row, k in enumerate(keys))
@@ -115,9 +120,9 @@ class VectorCache:
                 self._set_aside(self.dir / shard, err)
                 raise DataError(f"cache shard {shard} turned out damaged and was set aside: run again, its "
                                 "items will be recomputed") from None
-            if vectors.shape[1:] != (self.dim,):
-                raise DataError(f"cache shard {self.dir / shard} holds {vectors.shape[1:]} vectors, not ({self.dim},):"
-                                " remove it (`fusionops cache prune` sets damaged shards aside)")
+            except FileNotFoundError:
+                raise DataError(f"cache shard {self.dir / shard} was removed while it was being read (a `fusionops "
+                                f"cache prune`?): run again, its items will be recomputed") from None
             rows, targets = [r for _, r in pairs], [i for i, _ in pairs]
             out[targets] = vectors[rows]
         return out
@@ -132,6 +137,14 @@ class VectorCache:
 
 
 _DAMAGE = (zipfile.BadZipFile, ValueError, EOFError, KeyError)
+
+
+def _stored_shape(npz, name: str) -> tuple[int, ...]:
+    """The shape of an array in an .npz, from its header alone (the vectors stay on disk until asked for)."""
+    with npz.zip.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(reader(f)[0])
 
 
 def describe(root: Path) -> list[dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionops.config import FeaturesParams, ImageEncoderParams
+from fusionops.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,12 @@ def local_cluster(workers: int) -> Iterator[tuple[object, int]]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    with cluster:
-        yield cluster, threads
+    try:
+        with cluster:
+            yield cluster, threads
+    finally:  # a nanny restarting a dead worker writes its variables here again
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextmanager
@@ -99,7 +104,12 @@ def dask_client(params: FeaturesParams) -> Iterator[tuple[object, int | None]]:
     from distributed import Client
 
     if params.dask_address:
-        with Client(params.dask_address) as client:
+        try:
+            client = Client(params.dask_address)  # waits distributed.comm.timeouts.connect (30 s)
+        except (OSError, TimeoutError) as err:
+            raise UserError(f"no Dask scheduler answers at features.dask_address = {params.dask_address} ({err}): "
+                            f"start it, or set features.dask_address: null for a local cluster") from None
+        with client:
             yield client, None  # a real cluster's workers are sized by whoever runs them (docs/scaling.md)
         return
     with local_cluster(params.dask_workers) as (cluster, threads), Client(cluster) as client:
@@ -109,25 +119,38 @@ def dask_client(params: FeaturesParams) -> Iterator[tuple[object, int | None]]:
 def dask_images(vectors, keys: list[str], first_path: dict[str, Path], params: FeaturesParams, *,
                 precision: str) -> tuple[np.ndarray, int]:
     """Vectors for `keys` through the shared cache, the missing shards computed on the cluster."""
+    computed = 0
+    if vectors.missing(keys):
+        with vectors.writer():
+            todo = vectors.missing(keys)  # another run may have computed them while this one waited
+            shards = [todo[s:s + params.shard_size] for s in range(0, len(todo), params.shard_size)]
+            if shards:
+                computed = _on_cluster(vectors, shards, first_path, params, precision)
+        lost = vectors.missing(keys)
+        if lost:
+            raise UserError(f"the Dask workers wrote {len(lost)} vector(s) where this machine cannot see them: "
+                            f"features.cache_dir ({vectors.dir.parent}) and the images must be one shared folder, "
+                            f"at the same absolute path on every worker")
+    return vectors.get(keys), computed
+
+
+def _on_cluster(vectors, shards: list[list[str]], first_path: dict[str, Path], params: FeaturesParams,
+                precision: str) -> int:
     from distributed import as_completed
 
     from fusionops.progress import progress_bar
 
     computed = 0
-    if vectors.missing(keys):
-        with vectors.writer():
-            todo = vectors.missing(keys)
-            shards = [todo[s:s + params.shard_size] for s in range(0, len(todo), params.shard_size)]
-            with dask_client(params) as (client, threads), progress_bar(unit="img") as bar:
-                log.info("%d shard(s) of image vectors on the Dask scheduler %s", len(shards), client.scheduler.address)
-                task = bar.add_task("image vectors (dask)", total=len(todo))
-                futures = {client.submit(
-                    compute_shard, str(vectors.dir.parent), vectors.dir.name, vectors.dim,
-                    params.image.model_dump_json(), [(k, str(first_path[k])) for k in shard],
-                    batch_size=params.batch_size, device=params.device, precision=precision, torch_threads=threads,
-                    pure=False,
-                ): len(shard) for shard in shards}
-                for future in as_completed(futures):
-                    computed += future.result()
-                    bar.advance(task, futures[future])
-    return vectors.get(keys), computed
+    with dask_client(params) as (client, threads), progress_bar(unit="img") as bar:
+        log.info("%d shard(s) of image vectors on the Dask scheduler %s", len(shards), client.scheduler.address)
+        task = bar.add_task("image vectors (dask)", total=sum(map(len, shards)))
+        futures = {client.submit(
+            compute_shard, str(vectors.dir.parent.resolve()), vectors.dir.name, vectors.dim,
+            params.image.model_dump_json(), [(k, str(Path(first_path[k]).resolve())) for k in shard],
+            batch_size=params.batch_size, device=params.device, precision=precision, torch_threads=threads,
+            pure=False,
+        ): len(shard) for shard in shards}
+        for future in as_completed(futures):
+            computed += future.result()
+            bar.advance(task, futures[future])
+    return computed
