@@ -10,6 +10,7 @@ folder) so that `down` stops only that. Pointing the pipeline at the platform is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -228,16 +229,48 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs (a zombie waiting for its parent to reap it does not count)."""
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Every process: pid -> (state, parent pid, process group), from /proc."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            found[int(stat.parent.name)] = (state, int(ppid), int(pgrp))
         except (OSError, ValueError):
             continue
-        if int(pgrp) == pgid and state != "Z":
-            return True
-    return False
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (a zombie waiting for its parent to reap it does not count)."""
+    return any(pgrp == pgid and state != "Z" for state, _, pgrp in _processes().values())
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and by them, in whatever session: a worker's flow runs have their own."""
+    children: dict[int, list[int]] = {}
+    for child, (_, parent, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _terminate(pids: list[int], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout`, the processes of `pids` that still run."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = _processes()
+            if not any(pid in running and running[pid][0] != "Z" for pid in pids):
+                return
+            time.sleep(0.2)
 
 
 def _stop(platform: Platform, service: str, timeout: float = 30) -> bool:
@@ -247,6 +280,7 @@ def _stop(platform: Platform, service: str, timeout: float = 30) -> bool:
     if pid is None:
         platform.pid_file(service).unlink(missing_ok=True)
         return False
+    started = [p for p in _descendants(pid) if _processes().get(p, ("", 0, pid))[2] != pid]  # own sessions
     try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -263,6 +297,7 @@ def _stop(platform: Platform, service: str, timeout: float = 30) -> bool:
     except PermissionError:
         raise PlatformError(f"{service} (pid {pid}) belongs to another user: run `fusionops platform down` as the "
                             f"user who ran `up`") from None
+    _terminate(started, timeout)  # what it started in sessions of their own (a worker's flow runs) goes too
     platform.pid_file(service).unlink(missing_ok=True)
     return True
 
