@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from fusionops.atomic import atomic_path, write_json
@@ -65,6 +66,13 @@ def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, p
             metrics["ablation"][variant] = scores(test.y.numpy(), probs.argmax(1))
             continue
         metrics["test"] = scores(test.y.numpy(), probs.argmax(1))
+        # Missing modality: the same test items with every text (then every image) removed, as a zero vector.
+        metrics["missing_modality"] = {
+            "no_text": scores(test.y.numpy(), predict_logits(model, test.image, torch.zeros_like(test.text))
+                              .argmax(1).numpy()),
+            "no_image": scores(test.y.numpy(), predict_logits(model, torch.zeros_like(test.image), test.text)
+                               .argmax(1).numpy()),
+        }
         val = split_data(prepared, features, labels, "val")
         metrics["val"] = scores(val.y.numpy(), predict_logits(model, val.image, val.text).argmax(1).numpy())
         _write_details(test, probs, labels, params)

@@ -103,13 +103,26 @@ def _load_checkpoint(path: Path | None) -> dict | None:
         return None
 
 
+def drop_modalities(image: torch.Tensor, text: torch.Tensor, rate: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero one modality (image or text, evenly) of a `rate` share of the items: a missing modality at inference is
+    a zero vector, and the head learns to classify from what is left."""
+    drop = torch.rand(len(image), generator=generator) < rate
+    image_side = torch.rand(len(image), generator=generator) < 0.5
+    return image * ~(drop & image_side)[:, None], text * ~(drop & ~image_side)[:, None]
+
+
 def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torch.Tensor, *, batch_size: int,
-                 device: torch.device, dtype) -> float:
+                 device: torch.device, dtype, modality_dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> float:
     model.train()
     total = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        img, txt, y = (t[idx].to(device, non_blocking=True) for t in (data.image, data.text, data.y))
+        img, txt = data.image[idx], data.text[idx]
+        if modality_dropout > 0:
+            img, txt = drop_modalities(img, txt, modality_dropout, generator)
+        img, txt, y = (t.to(device, non_blocking=True) for t in (img, txt, data.y[idx]))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(model(img, txt), y)
         optimizer.zero_grad(set_to_none=True)
@@ -160,7 +173,8 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
                 break
             order = torch.randperm(len(train.y), generator=generator)
             loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
-                                device=device, dtype=dtype)
+                                device=device, dtype=dtype, generator=generator,
+                                modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
             val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
             f1 = float(f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0))
             acc = float((val_pred == val.y.numpy()).mean())

@@ -54,7 +54,7 @@ def test_training_learns_and_is_deterministic(splits):
 def test_saved_model_predicts_the_same(tmp_path, splits):
     labels, tr, va, te = splits
     model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 3}), modalities=("image", "text"))
-    config = {"head": "concat", "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
+    config = {"head": FAST.head, "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
                                                 "num_classes": len(labels), "modalities": ["image", "text"]}}
     save_model(tmp_path, model, config)
     loaded, loaded_config = load_model(tmp_path)
@@ -88,7 +88,7 @@ def test_predictor_refuses_other_encoder_weights(tmp_path, splits, slice_feature
     labels, tr, va, te = splits
     model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 1}), modalities=("image", "text"))
     encoders = {k: dict(v) for k, v in slice_features.encoders.items()}
-    config = {"head": "concat", "labels": labels, "encoders": encoders,
+    config = {"head": FAST.head, "labels": labels, "encoders": encoders,
               "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
                               "num_classes": len(labels), "modalities": ["image", "text"]}}
     save_model(tmp_path / "ok", model, config)
@@ -97,3 +97,42 @@ def test_predictor_refuses_other_encoder_weights(tmp_path, splits, slice_feature
     save_model(tmp_path / "other", model, config)
     with pytest.raises(Refused, match="text encoder weights"):
         Predictor(tmp_path / "other")
+
+
+def test_gated_head_weighs_each_item_and_ignores_a_missing_modality():
+    head = create_head("gated", image_dim=12, text_dim=5, num_classes=3).eval()
+    img, txt = torch.randn(4, 12), torch.randn(4, 5)
+    txt[1] = 0  # item 1 has no text
+    img[2] = 0  # item 2 has no image
+    img[3], txt[3] = 0, 0  # item 3 has neither
+    weights = head.gate_weights(img, txt)
+    assert torch.allclose(weights["image"][:3] + weights["text"][:3], torch.ones(3))
+    assert weights["text"][1] == 0 and weights["image"][1] == 1
+    assert weights["image"][2] == 0 and weights["text"][2] == 1
+    assert weights["image"][3] == weights["text"][3] == 0 and torch.isfinite(head(img, txt)).all()
+    assert 0 < weights["image"][0] < 1  # a real mix for a complete item
+    # Without text, whatever the text vector's other rows hold, item 1's answer depends on its image only.
+    other = txt.clone()
+    other[0] = torch.randn(5)
+    assert torch.equal(head(img, txt)[1], head(img, other)[1])
+
+
+def test_modality_dropout_removes_one_modality_of_the_chosen_share():
+    from fusionops.train import drop_modalities
+
+    img, txt = torch.ones(10_000, 3), torch.ones(10_000, 2)
+    dropped_img, dropped_txt = drop_modalities(img, txt, 0.3, torch.Generator().manual_seed(0))
+    no_image, no_text = (dropped_img == 0).all(1), (dropped_txt == 0).all(1)
+    assert not (no_image & no_text).any()  # never both
+    assert abs((no_image | no_text).float().mean().item() - 0.3) < 0.02
+    assert abs(no_image.float().mean().item() - 0.15) < 0.02
+
+
+def test_training_with_modality_dropout_is_deterministic_and_copes_without_text(splits):
+    labels, tr, va, te = splits
+    settings = FAST.model_copy(update={"modality_dropout": 0.5, "head": "gated"})
+    model_a, history_a, _ = fit(tr, va, len(labels), settings, modalities=("image", "text"))
+    _, history_b, _ = fit(tr, va, len(labels), settings, modalities=("image", "text"))
+    assert history_a.equals(history_b)
+    no_text = predict_logits(model_a, te.image, torch.zeros_like(te.text)).argmax(1)
+    assert (no_text == te.y).float().mean().item() > 1 / len(labels)  # above chance from the image alone

@@ -63,7 +63,8 @@ def test_flow_runs_every_stage_and_reports(first_run, project):
     assert set(metrics["ablation"]) == {"image_only", "text_only"}
     prepared = pd.read_csv(project / "data/prepared/manifest.csv")
     n_test = int((prepared["split"] == "test").sum())
-    for block in (metrics["test"], *metrics["ablation"].values()):
+    assert set(metrics["missing_modality"]) == {"no_text", "no_image"}
+    for block in (metrics["test"], *metrics["ablation"].values(), *metrics["missing_modality"].values()):
         assert block["items"] == n_test
     assert metrics["test"]["accuracy"] > 0.5  # 4 classes: chance is 0.25
     assert metrics["fusion_gain_vs_best_single"] == pytest.approx(

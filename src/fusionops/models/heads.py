@@ -1,4 +1,8 @@
-"""Built-in fusion heads. Each takes image and text vectors and exposes forward_features / forward_head."""
+"""Built-in fusion heads. Each takes image and text vectors and exposes forward_features / forward_head.
+
+A missing modality is an all-zero vector: `concat` learns what to make of it (train.modality_dropout shows it
+zeros in training), `gated` gives it no weight at all.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,27 @@ def _projection(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU())
 
 
+def _checked(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+    return tuple(m for m in MODALITIES if m in modalities)
+
+
+def _mlp(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+
+
 class ConcatHead(nn.Module):
     """Project each modality, concatenate, and classify with an MLP."""
 
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, *, proj_dim: int = 256,
                  hidden_dim: int = 512, dropout: float = 0.3, modalities: tuple[str, ...] = MODALITIES):
         super().__init__()
-        unknown = set(modalities) - set(MODALITIES)
-        if unknown or not modalities:
-            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.modalities = _checked(modalities)
         dims = {"image": image_dim, "text": text_dim}
         self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
-        self.mlp = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(proj_dim * len(self.modalities), hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-        )
+        self.mlp = _mlp(proj_dim * len(self.modalities), hidden_dim, dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def forward_features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -50,3 +57,51 @@ class ConcatHead(nn.Module):
 @register_head
 def concat(image_dim: int, text_dim: int, num_classes: int, **kwargs) -> ConcatHead:
     return ConcatHead(image_dim, text_dim, num_classes, **kwargs)
+
+
+class GatedHead(nn.Module):
+    """Per-sample modality weights: a gate reads every projected modality and mixes them into one vector.
+
+    The weights are the model's own statement of how much it trusts each modality for this item
+    (`gate_weights`, used by explanations); a missing (all-zero) modality gets weight 0.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, num_classes: int, *, proj_dim: int = 256,
+                 hidden_dim: int = 512, dropout: float = 0.3, modalities: tuple[str, ...] = MODALITIES):
+        super().__init__()
+        self.modalities = _checked(modalities)
+        dims = {"image": image_dim, "text": text_dim}
+        self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
+        self.gate = nn.Linear(proj_dim * len(self.modalities), len(self.modalities))
+        self.mlp = _mlp(proj_dim, hidden_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+
+    def _mix(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {"image": image, "text": text}
+        present = torch.stack([inputs[m].abs().amax(-1) > 0 for m in self.modalities], dim=-1)  # (batch, M)
+        projected = torch.stack([self.proj[m](inputs[m]) * present[:, i, None]
+                                 for i, m in enumerate(self.modalities)], dim=1)  # (batch, M, proj)
+        logits = self.gate(projected.flatten(1)).masked_fill(~present, float("-inf"))
+        # An item with no modality at all gets equal weights over nothing (zeros), not NaNs.
+        weights = torch.where(present.any(-1, keepdim=True), logits.softmax(-1), torch.zeros_like(logits))
+        return weights, projected
+
+    def gate_weights(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each modality's weight, per item (rows sum to 1)."""
+        weights, _ = self._mix(image, text)
+        return {m: weights[:, i] for i, m in enumerate(self.modalities)}
+
+    def forward_features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        weights, projected = self._mix(image, text)
+        return self.mlp((weights.unsqueeze(-1) * projected).sum(1))
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, text))
+
+
+@register_head
+def gated(image_dim: int, text_dim: int, num_classes: int, **kwargs) -> GatedHead:
+    return GatedHead(image_dim, text_dim, num_classes, **kwargs)
