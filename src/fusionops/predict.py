@@ -12,7 +12,7 @@ import torch
 from fusionops.config import ImageEncoderParams, TextEncoderParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError, UserError
-from fusionops.features.extract import encode_images
+from fusionops.features.extract import encode_images, loader_workers
 from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
 from fusionops.models import load_model
@@ -45,7 +45,7 @@ class Predictor:
     """A trained head plus its two encoders, rebuilt from the model folder's config.json."""
 
     def __init__(self, model_dir: Path | str, *, device: str = "auto", precision: str | None = None,
-                 batch_size: int = 64, num_workers: int = 0, quantize: bool = False):
+                 batch_size: int = 64, num_workers: int | str = 0, quantize: bool = False):
         """`precision` None: the one the training vectors were computed in (recorded in the model's config)."""
         self.head, self.config = load_model(Path(model_dir), device="cpu")
         self.labels: list[str] = self.config["labels"]
@@ -53,7 +53,7 @@ class Predictor:
         self.device = resolve_device("cpu" if quantize else device)  # int8 dynamic quantization is a CPU path
         self.dtype = autocast_dtype(self.device, precision or recorded["image"].get("precision", "auto"))
         self.text_dtype = self.dtype
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers = batch_size, loader_workers(num_workers)  # 'auto' as in features
         self.image_encoder = build_image_encoder(_encoder_params(recorded["image"], ImageEncoderParams))
         self.text_encoder = build_text_encoder(_encoder_params(recorded["text"], TextEncoderParams))
         for name, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):

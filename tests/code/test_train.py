@@ -93,6 +93,7 @@ def test_predictor_refuses_other_encoder_weights(tmp_path, splits, slice_feature
                               "num_classes": len(labels), "modalities": ["image", "text"]}}
     save_model(tmp_path / "ok", model, config)
     assert Predictor(tmp_path / "ok").labels == labels
+    assert isinstance(Predictor(tmp_path / "ok", num_workers="auto").num_workers, int)  # as features.num_workers
     encoders["text"]["weights_sha256"] = "0" * 64
     save_model(tmp_path / "other", model, config)
     with pytest.raises(Refused, match="text encoder weights"):
