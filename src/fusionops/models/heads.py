@@ -30,7 +30,22 @@ def _mlp(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
 
 
-class ConcatHead(nn.Module):
+class FusionHead(nn.Module):
+    """What every head shares: forward = forward_head(forward_features(image, text)), a linear classifier."""
+
+    classifier: nn.Linear
+
+    def forward_features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, text))
+
+
+class ConcatHead(FusionHead):
     """Project each modality, concatenate, and classify with an MLP."""
 
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, *, proj_dim: int = 256,
@@ -47,19 +62,13 @@ class ConcatHead(nn.Module):
         inputs = {"image": image, "text": text}
         return self.mlp(torch.cat([self.proj[m](inputs[m]) for m in self.modalities], dim=-1))
 
-    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier(z)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, text))
-
 
 @register_head
 def concat(image_dim: int, text_dim: int, num_classes: int, **kwargs) -> ConcatHead:
     return ConcatHead(image_dim, text_dim, num_classes, **kwargs)
 
 
-class GatedHead(nn.Module):
+class GatedHead(FusionHead):
     """Per-sample modality weights: a gate reads every projected modality and mixes them into one vector.
 
     The weights are the model's own statement of how much it trusts each modality for this item
@@ -94,12 +103,6 @@ class GatedHead(nn.Module):
     def forward_features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         weights, projected = self._mix(image, text)
         return self.mlp((weights.unsqueeze(-1) * projected).sum(1))
-
-    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier(z)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, text))
 
 
 @register_head
