@@ -142,12 +142,13 @@ def train(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 def evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Test-set metrics, the ablation, per-class table and confusion matrix."""
+    """Test-set metrics, the ablation, missing modalities, calibration, timings, per-class table and plots."""
     from fusionops.evaluate import evaluate as run
     from fusionops.features import load_features
 
     params = load_params(params_path)
-    metrics = run(_prepared(params), load_features(params.features.out_dir), params.train, params.evaluate)
+    metrics = run(_prepared(params), load_features(params.features.out_dir), params.train, params.evaluate,
+                  images_root=params.data.images_root)
     t, ab = metrics["test"], metrics["ablation"]
     out.print(f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} (n={t['items']}); "
               f"image only {ab['image_only']['accuracy']:.4f}, text only {ab['text_only']['accuracy']:.4f}")
@@ -185,40 +186,113 @@ def rollback(params_path: ParamsOption = Path("params.yaml")) -> None:
     out.print(f"{result['name']}: {result['reason']}")
 
 
+def _params_or_default(params_path: Path | None) -> Params:
+    """--params when given, else ./params.yaml when there is one, else the defaults."""
+    if params_path is None:
+        return load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+    return load_params(params_path)
+
+
+def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
+    """The manifest's items and each one's absolute image path (None for an empty cell); every row that cannot be
+    used (no image and no text, a missing or broken image) is named in one error, before anything is written."""
+    from fusionops.data.manifest import read_manifest, to_canonical
+    from fusionops.validation import Problem, check_images
+
+    items = to_canonical(read_manifest(manifest), params.data, source=manifest, labelled=False)
+    has_image = items["image"].astype(str).str.strip() != ""
+    problems = [Problem(item_id, "image, text", "neither an image nor a text", "give at least one")
+                for item_id in items.loc[~has_image & (items["text"].astype(str).str.strip() == ""), "item_id"]]
+    problems += check_images(items, images_root)
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise DataError(f"{len(problems)} row(s) cannot be used; nothing was written:\n{lines}")
+    root = images_root.resolve()
+    return items, [str(root / p) if ok else None for p, ok in zip(items["image"], has_image, strict=True)]
+
+
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="MLflow model URI, e.g. models:/fusionops-emoji@champion")],
     manifest: Annotated[Path, typer.Option(help="CSV or Parquet with id, image path and text columns")],
     images_root: Annotated[Path, typer.Option(help="folder the manifest's image paths are relative to")],
-    out_path: Annotated[Path, typer.Option("--out", help="CSV to write: item_id,prediction,confidence")],
+    out_path: Annotated[Path, typer.Option("--out", help="CSV to write: item_id,prediction,confidence,modalities")],
     params_path: Annotated[Path | None, typer.Option(
         "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
     )] = None,
 ) -> None:
-    """Predict every row of a manifest with a registered model."""
+    """Predict every row of a manifest with a registered model.
+
+    A row with an empty image path or an empty text is classified from the other modality (column `modalities`).
+    """
     import pandas as pd
 
     from fusionops.atomic import atomic_path
-    from fusionops.data.manifest import read_manifest, to_canonical
     from fusionops.registry import load_pyfunc
-    from fusionops.validation import check_images
 
-    if params_path is None:
-        params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
-    else:
-        params = load_params(params_path)
-    items = to_canonical(read_manifest(manifest), params.data, source=manifest, labelled=False)
-    problems = check_images(items, images_root, empty=True)
-    if problems:
-        lines = "\n".join(f"  {p}" for p in problems)
-        raise DataError(f"{len(problems)} image(s) cannot be used; nothing was written:\n{lines}")
-    root = images_root.resolve()
-    frame = pd.DataFrame({"image": [str(root / p) for p in items["image"]], "text": items["text"]})
+    params = _params_or_default(params_path)
+    items, images = _unlabelled_items(manifest, images_root, params)
+    frame = pd.DataFrame({"image": [p or "" for p in images], "text": items["text"]})
     result = load_pyfunc(model, params).predict(frame, params={"progress": True})
     with atomic_path(out_path) as tmp:
         pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
-                      "confidence": result["confidence"].round(4)}).to_csv(tmp, index=False)
+                      "confidence": result["confidence"].round(4),
+                      "modalities": result["modalities"]}).to_csv(tmp, index=False)
     out.print(f"predicted {len(items)} items with {model} -> {out_path}")
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Option(
+        help="a model folder (e.g. models/fusion) or an MLflow model URI (models:/name@champion, runs:/...)")],
+    image: Annotated[Path | None, typer.Option(help="one item: its image file")] = None,
+    text: Annotated[str | None, typer.Option(help="one item: its text")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="many items: CSV or Parquet with id, image path and text columns")] = None,
+    images_root: Annotated[Path | None, typer.Option(help="folder the manifest's image paths are relative to")] = None,
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="JSON to write (a list, one explanation per item); needed with --manifest")] = None,
+    top: Annotated[int, typer.Option(min=1, help="how many classes to show")] = 3,
+    neighbours: Annotated[int, typer.Option(min=0, help="how many nearest training items to show")] = 5,
+    params_path: Annotated[Path | None, typer.Option(
+        "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
+    )] = None,
+) -> None:
+    """Explain predictions: top classes, what each modality contributed, the nearest training items.
+
+    One item with --image and/or --text (printed), or every row of --manifest (written to --out as JSON).
+    """
+    import json
+
+    from fusionops.atomic import atomic_path
+    from fusionops.explain import explain as run
+    from fusionops.explain import load_predictor, summary
+    from fusionops.validation import check_image
+
+    params = _params_or_default(params_path)
+    if manifest is not None:
+        if image is not None or text is not None:
+            raise UserError("give one item (--image / --text) or a --manifest, not both")
+        if images_root is None or out_path is None:
+            raise UserError("--manifest needs --images-root (the folder its image paths are relative to) and --out")
+        items, images = _unlabelled_items(manifest, images_root, params)
+        texts, ids = items["text"].astype(str).tolist(), items["item_id"].astype(str).tolist()
+    else:
+        if image is None and not (text or "").strip():
+            raise UserError("give --image and/or --text for one item, or --manifest, --images-root and --out")
+        found = check_image(image.resolve().parent, image.name) if image is not None else None
+        if found:
+            raise DataError(f"--image: {found[0]} -> {found[1]}; nothing was written")
+        images, texts, ids = [image.resolve() if image is not None else None], [text], [None]
+    predictor = load_predictor(model, params)
+    results = run(predictor, images, texts, top=top, neighbours=neighbours, progress=manifest is not None)
+    if manifest is None:
+        out.print(summary(results[0]))
+    if out_path is not None:
+        rows = [{"item_id": i, **r} for i, r in zip(ids, results, strict=True)] if manifest is not None else results
+        with atomic_path(out_path) as tmp:
+            tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.print(f"explained {len(results)} item(s) with {escape(model)} -> {escape(_rel(out_path))}")
 
 
 @app.command()

@@ -100,6 +100,9 @@ class TrainParams(Section):
     hidden_dim: int = Field(512, ge=1)
     dropout: float = Field(0.3, ge=0, lt=1)
     lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "plateau"] = Field(
+        "cosine", description="after the warm-up: constant, cosine to 0 at max_epochs, or halved on a plateau")
+    lr_warmup_epochs: int = Field(0, ge=0, description="linear warm-up from lr / (n + 1) (constant and cosine)")
     weight_decay: float = Field(1e-2, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(128, ge=1)
@@ -115,6 +118,7 @@ class EvaluateParams(Section):
     predictions: Path = Path("reports/predictions.csv")
     per_class: Path = Path("reports/per_class.csv")
     confusion_matrix: Path = Path("reports/plots/confusion_matrix.png")
+    reliability_diagram: Path = Path("reports/plots/reliability.png")
 
 
 class RegistryParams(Section):

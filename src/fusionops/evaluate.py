@@ -1,7 +1,8 @@
-"""The evaluate stage: test metrics of the fused head and of each one-modality ablation, and their plots."""
+"""The evaluate stage: test metrics of the fused head and of each one-modality ablation, calibration, timings, plots."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from fusionops.atomic import atomic_path, write_json
+from fusionops.calibration import calibration_summary, plot_reliability
 from fusionops.config import EvaluateParams, TrainParams
 from fusionops.features import FeatureSet
 from fusionops.models import load_model
@@ -54,18 +56,24 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path
     plt.close(fig)
 
 
-def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, params: EvaluateParams) -> dict:
-    """Score the fused head and each ablation on the test split; write metrics, tables and the confusion plot."""
+def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, params: EvaluateParams, *,
+             images_root: Path | None = None) -> dict:
+    """Score the fused head and each ablation on the test split; write metrics, tables and plots.
+
+    With `images_root`, the latency of one item end to end (decode, both encoders, head) is measured too.
+    """
     metrics: dict = {"ablation": {}}
+    train_seconds = {}
     for variant in VARIANTS:
         model, config = load_model(model_dir(train.out_dir, variant))
         labels = config["labels"]
+        train_seconds[variant] = config.get("train_seconds")
         test = split_data(prepared, features, labels, "test")
-        probs = predict_logits(model, test.image, test.text).softmax(1).numpy()
+        logits = predict_logits(model, test.image, test.text)
         if variant != "fusion":
-            metrics["ablation"][variant] = scores(test.y.numpy(), probs.argmax(1))
+            metrics["ablation"][variant] = scores(test.y.numpy(), logits.argmax(1).numpy())
             continue
-        metrics["test"] = scores(test.y.numpy(), probs.argmax(1))
+        metrics["test"] = scores(test.y.numpy(), logits.argmax(1).numpy())
         # Missing modality: the same test items with every text (then every image) removed, as a zero vector.
         metrics["missing_modality"] = {
             "no_text": scores(test.y.numpy(), predict_logits(model, test.image, torch.zeros_like(test.text))
@@ -75,12 +83,47 @@ def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, p
         }
         val = split_data(prepared, features, labels, "val")
         metrics["val"] = scores(val.y.numpy(), predict_logits(model, val.image, val.text).argmax(1).numpy())
-        _write_details(test, probs, labels, params)
+        temperature = config.get("temperature", 1.0)
+        metrics["calibration"] = calibration_summary(logits, test.y, temperature)
+        plot_reliability(logits, test.y, temperature, params.reliability_diagram,
+                         title=f"test reliability, n={len(test.y)}")
+        _write_details(test, (logits / temperature).softmax(1).numpy(), labels, params)
+        latency = _latency(model, test, prepared, model_dir(train.out_dir, variant), images_root)
     best_single = max(m["accuracy"] for m in metrics["ablation"].values())
     metrics["fusion_gain_vs_best_single"] = round(metrics["test"]["accuracy"] - best_single, 4)
+    metrics["timing"] = {"train_seconds": train_seconds, **latency}
     metrics = {"test": metrics.pop("test"), **metrics}
     write_json(params.metrics, metrics)
     return metrics
+
+
+def _latency(model, test: SplitData, prepared: pd.DataFrame, folder: Path, images_root: Path | None, *,
+             items: int = 32) -> dict:
+    """The head's cost per item on cached vectors (batched), and with `images_root` one item's latency from its
+    files (decode, both encoders, head; one at a time, as a request to a served model), median and p95."""
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        predict_logits(model, test.image, test.text)
+        runs.append(time.perf_counter() - started)
+    out = {"head_us_per_item": round(float(np.median(runs)) / max(len(test.y), 1) * 1e6, 2)}
+    if images_root is None:
+        return out
+    from fusionops.predict import Predictor
+
+    predictor = Predictor(folder)
+    rows = prepared[prepared["item_id"].isin(test.item_ids[:items])]
+    paths, texts = [Path(images_root) / p for p in rows["image"]], rows["text"].tolist()
+    predictor.predict(paths[:2], texts[:2])  # warm-up: first calls allocate
+    times = []
+    for path, text in zip(paths, texts, strict=True):
+        started = time.perf_counter()
+        predictor.predict([path], [text])
+        times.append((time.perf_counter() - started) * 1000)
+    out["latency_ms_per_item"] = {"p50": round(float(np.percentile(times, 50)), 2),
+                                  "p95": round(float(np.percentile(times, 95)), 2),
+                                  "items": len(times), "device": str(predictor.device)}
+    return out
 
 
 def _write_details(test: SplitData, probs: np.ndarray, labels: list[str], params: EvaluateParams) -> None:

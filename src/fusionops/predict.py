@@ -47,8 +47,10 @@ class Predictor:
     def __init__(self, model_dir: Path | str, *, device: str = "auto", precision: str | None = None,
                  batch_size: int = 64, num_workers: int | str = 0, quantize: bool = False):
         """`precision` None: the one the training vectors were computed in (recorded in the model's config)."""
-        self.head, self.config = load_model(Path(model_dir), device="cpu")
+        self.folder = Path(model_dir)
+        self.head, self.config = load_model(self.folder, device="cpu")
         self.labels: list[str] = self.config["labels"]
+        self.temperature = float(self.config.get("temperature", 1.0))  # fitted on validation: calibrated confidences
         recorded = self.config["encoders"]
         self.device = resolve_device("cpu" if quantize else device)  # int8 dynamic quantization is a CPU path
         self.dtype = autocast_dtype(self.device, precision or recorded["image"].get("precision", "auto"))
@@ -66,22 +68,47 @@ class Predictor:
             self.text_encoder.model = quantize_dynamic(self.text_encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
             self.text_dtype = None  # int8 kernels replace autocast for the transformer; the CNN keeps its precision
 
-    def predict(self, images: Sequence[Path | str | bytes], texts: Sequence[str], *,
-                progress: bool = False) -> pd.DataFrame:
-        """Per item: `label`, `confidence` (its softmax probability) and `probabilities` ({label: p} for all labels)."""
+    def encode(self, images: Sequence[Path | str | bytes | None], texts: Sequence[str | None], *,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text vectors of the items. A missing image (None, "" or b"") or text (None or blank) is a zero
+        vector, as modality dropout showed the head in training: the item is classified from the other modality."""
         if len(images) != len(texts):
-            raise DataError(f"{len(images)} images but {len(texts)} texts: give one of each per item")
-        sources = [img if isinstance(img, bytes) else Path(img) for img in images]
+            raise DataError(f"{len(images)} images but {len(texts)} texts: give one of each per item "
+                            "(None for a missing one)")
+        has_image = [img is not None and (isinstance(img, Path) or len(img) > 0) for img in images]
+        has_text = [isinstance(t, str) and bool(t.strip()) for t in texts]
+        empty = [i for i, (a, b) in enumerate(zip(has_image, has_text, strict=True)) if not (a or b)]
+        if empty:
+            shown = ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else "")
+            raise DataError(f"{len(empty)} item(s) have neither an image nor a text (rows {shown}): give at least one")
+        image = torch.zeros(len(images), self.image_encoder.dim)
+        text = torch.zeros(len(texts), self.text_encoder.dim)
+        rows = [i for i, ok in enumerate(has_image) if ok]
+        sources = [images[i] if isinstance(images[i], bytes) else Path(images[i]) for i in rows]
         with progress_bar(unit="items", disable=not progress) as bar:
             task = bar.add_task("predict", total=len(sources))
-            image = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
-                                  num_workers=self.num_workers, device=self.device, dtype=self.dtype,
-                                  on_batch=lambda n: bar.advance(task, n))
-        text = self.text_encoder.encode([str(t) for t in texts], batch_size=self.batch_size, device=self.device,
-                                        autocast_dtype=self.text_dtype)
-        probs = predict_logits(self.head, torch.from_numpy(image), torch.from_numpy(text)).softmax(1).numpy()
+            vectors = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
+                                    num_workers=self.num_workers, device=self.device, dtype=self.dtype,
+                                    on_batch=lambda n: bar.advance(task, n))
+        image[rows] = torch.from_numpy(vectors)
+        rows = [i for i, ok in enumerate(has_text) if ok]
+        if rows:
+            text[rows] = torch.from_numpy(self.text_encoder.encode(
+                [texts[i] for i in rows], batch_size=self.batch_size, device=self.device,
+                autocast_dtype=self.text_dtype))
+        return image, text
+
+    def predict(self, images: Sequence[Path | str | bytes | None], texts: Sequence[str | None], *,
+                progress: bool = False) -> pd.DataFrame:
+        """Per item: `label`, `confidence` (its probability), `probabilities` ({label: p} for all labels) and
+        `modalities` (what it was classified from: image+text, image or text)."""
+        image, text = self.encode(images, texts, progress=progress)
+        probs = (predict_logits(self.head, image, text) / self.temperature).softmax(1).numpy()
+        has_image, has_text = image.abs().amax(1) > 0, text.abs().amax(1) > 0
         return pd.DataFrame({
             "label": [self.labels[i] for i in probs.argmax(1)],
             "confidence": probs.max(1).astype(float),
             "probabilities": [dict(zip(self.labels, row.round(6).tolist(), strict=True)) for row in probs],
+            "modalities": ["+".join(m for m, ok in (("image", a), ("text", b)) if ok)
+                           for a, b in zip(has_image.tolist(), has_text.tolist(), strict=True)],
         })

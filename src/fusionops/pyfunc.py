@@ -17,20 +17,20 @@ class FusionModel(PythonModel):
         self.predictor = Predictor(context.artifacts["model"], quantize=bool(config.get("quantize", False)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes)."""
-        from fusionops.errors import DataError
-
-        images = []
-        for i, row in enumerate(model_input.to_dict("records")):
-            data, path = row.get("image_bytes"), row.get("image")
+        """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes). Either
+        modality may be missing (null or empty): the row is classified from the other one."""
+        images, texts = [], []
+        for row in model_input.to_dict("records"):
+            data, path, text = row.get("image_bytes"), row.get("image"), row.get("text")
             if isinstance(data, bytes | bytearray) and len(data):
                 images.append(bytes(data))
             elif isinstance(path, str) and path:
                 images.append(path)
             else:
-                raise DataError(f"row {i}: give the image as `image` (a path) or `image_bytes` (the file's bytes)")
+                images.append(None)
+            texts.append(text if isinstance(text, str) else None)
         progress = bool((params or {}).get("progress", False))
-        return self.predictor.predict(images, model_input["text"].tolist(), progress=progress)
+        return self.predictor.predict(images, texts, progress=progress)
 
 
 mlflow.models.set_model(FusionModel())

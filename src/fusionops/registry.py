@@ -103,9 +103,9 @@ def _signature():
     return ModelSignature(
         # The image comes as a path or as the file's bytes (base64 in JSON requests): one of the two per row.
         inputs=Schema([ColSpec("string", "image", required=False), ColSpec("binary", "image_bytes", required=False),
-                       ColSpec("string", "text")]),
+                       ColSpec("string", "text", required=False)]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
-                        ColSpec(Map(DataType.double), "probabilities")]),
+                        ColSpec(Map(DataType.double), "probabilities"), ColSpec("string", "modalities")]),
         params=ParamSchema([ParamSpec("progress", "boolean", False)]),
     )
 

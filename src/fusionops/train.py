@@ -9,8 +9,10 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from rich.progress import TextColumn
 from sklearn.metrics import f1_score
 
 from fusionops.atomic import atomic_dir, atomic_path
+from fusionops.calibration import fit_temperature
 from fusionops.config import TrainParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError
+from fusionops.explain import write_neighbours
 from fusionops.features import FeatureSet
 from fusionops.models import create_head, save_model
 from fusionops.progress import progress_bar
@@ -112,6 +116,27 @@ def drop_modalities(image: torch.Tensor, text: torch.Tensor, rate: float,
     return image * ~(drop & image_side)[:, None], text * ~(drop & ~image_side)[:, None]
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams):
+    """The learning rate per epoch (stepped after each): a linear warm-up over train.lr_warmup_epochs, then
+    constant, cosine (down to 0 at max_epochs) or plateau (halved after patience // 3 epochs without a better
+    validation macro-F1)."""
+    from torch.optim import lr_scheduler as sched
+
+    warmup = min(params.lr_warmup_epochs, params.max_epochs - 1)
+    if params.lr_schedule == "plateau":
+        # Its own warm-up would need a second scheduler; plateau reacts to validation, so it starts at train.lr.
+        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=max(1, params.patience // 3))
+
+    def factor(epoch: int) -> float:  # epoch 0 = the first one
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if params.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, params.max_epochs - warmup)))
+        return 1.0
+
+    return sched.LambdaLR(optimizer, factor)
+
+
 def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torch.Tensor, *, batch_size: int,
                  device: torch.device, dtype, modality_dropout: float = 0.0,
                  generator: torch.Generator | None = None) -> float:
@@ -148,6 +173,7 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
                         num_classes=num_classes, proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
                         dropout=params.dropout, modalities=modalities).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = lr_scheduler(optimizer, params)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     state = {"epoch": 0, "finished": False, "best": {"epoch": 0, "val_macro_f1": -1.0, "val_accuracy": 0.0},
@@ -157,6 +183,7 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
+        scheduler.load_state_dict(saved["scheduler"])
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator...
         if device.type == "cuda" and saved.get("cuda_rng"):
@@ -178,7 +205,12 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
             val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
             f1 = float(f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0))
             acc = float((val_pred == val.y.numpy()).mean())
-            history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": acc, "val_macro_f1": f1})
+            history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": acc, "val_macro_f1": f1,
+                            "lr": optimizer.param_groups[0]["lr"]})
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(f1)
+            else:
+                scheduler.step()
             bar.update(task, advance=1, loss=loss, f1=f1)
             if f1 > state["best"]["val_macro_f1"]:
                 state["best"] = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc}
@@ -189,6 +221,7 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
                 _save_checkpoint(checkpoint, {
                     **state, "history": json.dumps(history), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
     model.load_state_dict(state["best_state"])
@@ -220,8 +253,12 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
     checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params)
     histories, summary = {}, {}
     for variant, modalities in VARIANTS.items():
+        started = time.perf_counter()
         model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant,
                                    checkpoint=checkpoints / f"{variant}.pt")
+        seconds = time.perf_counter() - started
+        # Serving divides the logits by it: calibrated confidences, the same argmax (fusionops.calibration).
+        temperature = fit_temperature(predict_logits(model, val_data.image, val_data.text), val_data.y)
         config = {
             "head": params.head,
             "head_kwargs": {"image_dim": train_data.image.shape[1], "text_dim": train_data.text.shape[1],
@@ -233,8 +270,13 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
             "best_epoch": best["epoch"],
             "val_macro_f1": best["val_macro_f1"],
             "val_accuracy": best["val_accuracy"],
+            "temperature": round(temperature, 4),
+            "train_seconds": round(seconds, 2),  # this process's share when it resumed from a checkpoint
         }
         save_model(model_dir(params.out_dir, variant), model, config)
+        if variant == "fusion":  # for `fusionops explain`: the nearest training items of what it explains
+            write_neighbours(model_dir(params.out_dir, variant), model, train_data.image, train_data.text,
+                             prepared.loc[prepared["split"] == "train", ["item_id", "label", "image", "text"]])
         summary[variant] = best
         histories[variant] = history
     # One file per variant, so `dvc plots show` draws one curve per variant.

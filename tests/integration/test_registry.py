@@ -214,6 +214,14 @@ def test_served_champion_answers_http(history, world):
             assert predictions["confidence"].to_numpy() == pytest.approx(best, abs=1e-5)
             answers.append(predictions["label"].tolist())
         assert answers[0] == answers[1]  # the same image as a path or as bytes: the same answer
+        partial = [{"image": by_path[0]["image"]}, {"text": by_path[1]["text"]}, {"image": "", "text": None}]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": partial[:2]},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        assert pd.DataFrame(response.json()["predictions"])["modalities"].tolist() == ["image", "text"]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": partial},
+                                 timeout=120)
+        assert response.status_code >= 400 and "neither an image nor a text (rows 2)" in response.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def test_flow_runs_every_stage_and_reports(first_run, project):
     assert metrics["fusion_gain_vs_best_single"] == pytest.approx(
         metrics["test"]["accuracy"] - max(m["accuracy"] for m in metrics["ablation"].values()), abs=1e-4)
     assert (project / "reports/plots/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project / "reports/plots/reliability.png").read_bytes()[:4] == b"\x89PNG"
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1 and calibration["nll_after"] > 0
+    timing = metrics["timing"]
+    assert set(timing["train_seconds"]) == {"fusion", "image_only", "text_only"}
+    assert all(s > 0 for s in timing["train_seconds"].values()) and timing["head_us_per_item"] > 0
+    latency = timing["latency_ms_per_item"]
+    assert 0 < latency["p50"] <= latency["p95"] and latency["items"] == min(32, n_test)
+    # The test predictions' confidences are the temperature-scaled ones the served model gives.
+    predictions = pd.read_csv(project / "reports/predictions.csv")
+    assert predictions["confidence"].between(0, 1).all()
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
 
 
@@ -126,7 +138,8 @@ def test_predict_with_the_champion_on_unseen_items(first_run, project, demo_mani
     sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", f"models:/{MODEL_NAME}@champion",
        "--manifest", str(folder / "manifest.csv"), "--images-root", str(folder), "--out", str(out), cwd=project)
     predictions = pd.read_csv(out)
-    assert list(predictions.columns) == ["item_id", "prediction", "confidence"]
+    assert list(predictions.columns) == ["item_id", "prediction", "confidence", "modalities"]
+    assert (predictions["modalities"] == "image+text").all()
     assert predictions["item_id"].tolist() == unseen["item_id"].tolist()
     assert predictions["confidence"].between(0, 1).all()
     assert (predictions["prediction"] == unseen["category"].to_numpy()).mean() > 0.5
@@ -144,3 +157,30 @@ def test_served_model_agrees_with_evaluate(first_run, project, tmp_path):
     served = pd.read_csv(out).set_index("item_id")["prediction"]
     evaluated = pd.read_csv(project / "reports/predictions.csv").set_index("item_id")["predicted"]
     assert (served.loc[evaluated.index] == evaluated).mean() >= 0.95
+
+
+def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp_path):
+    """Empty texts (then empty image paths) in the manifest: each item is classified from the other modality, as
+    accurately as evaluate measured it on the cached vectors with that modality zeroed."""
+    missing = json.loads((project / "reports/metrics.json").read_text())["missing_modality"]
+    prepared = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str, keep_default_na=False)
+    test = prepared[prepared["split"] == "test"]
+    for column, figure, left in (("text", "no_text", "image"), ("image", "no_image", "text")):
+        manifest, out = tmp_path / f"no_{column}.csv", tmp_path / f"no_{column}_out.csv"
+        test.assign(**{column: ""}).to_csv(manifest, index=False)
+        sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", f"models:/{MODEL_NAME}/1",
+           "--manifest", str(manifest), "--images-root", str(project / "data/raw"), "--out", str(out), cwd=project)
+        predictions = pd.read_csv(out, keep_default_na=False)
+        assert (predictions["modalities"] == left).all()
+        accuracy = (predictions["prediction"].to_numpy() == test["label"].to_numpy()).mean()
+        # Vectors recomputed from the files, not read from the cache: at most two items may tip the other way.
+        assert accuracy == pytest.approx(missing[figure]["accuracy"], abs=2 / len(test) + 1e-9)
+    both = tmp_path / "neither.csv"
+    test.head(3).assign(image="", text=["", "", " "]).to_csv(both, index=False)
+    result = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "predict", "--model",
+                             f"models:/{MODEL_NAME}/1", "--manifest", str(both), "--images-root",
+                             str(project / "data/raw"), "--out", str(tmp_path / "neither_out.csv")],
+                            cwd=project, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "3 row(s) cannot be used" in result.stderr and "neither an image nor a text" in result.stderr
+    assert not (tmp_path / "neither_out.csv").exists()
