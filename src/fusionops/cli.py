@@ -155,6 +155,45 @@ def evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def finetune(
+    out_path: Annotated[Path, typer.Option("--out", help="the weights file to write (.safetensors, .pth or .pt)")],
+    epochs: Annotated[int, typer.Option(min=1, help="at most this many epochs (early stopping)")] = 10,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    patience: Annotated[int, typer.Option(min=1, help="epochs without a better val macro-F1 before stopping")] = 3,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Fine-tune the image backbone's last stage on the train split (a GPU is recommended).
+
+    Writes a state dict for features.image.weights (+ <out>.json, the report); with it the features stage computes
+    new vectors under a new cache key space and keeps the old ones.
+    """
+    from fusionops.finetune import check_out_path, report_path
+    from fusionops.finetune import finetune as run
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    check_out_path(out_path)
+    params = load_params(params_path)
+    r = run(_prepared(params), params.data.images_root, params.features.image, out=out_path, epochs=epochs, lr=lr,
+            batch_size=batch_size, patience=patience, device=device)
+    out.print(f"fine-tuned {', '.join(r['unfrozen'])} of {r['backbone']}: val macro-F1 {r['val_macro_f1_before']:.4f} "
+              f"(linear probe, frozen) -> {r['val_macro_f1_after']:.4f} (best epoch {r['best_epoch']} of "
+              f"{r['epochs']}; {r['seconds']:.0f} s on {r['device']}) -> {escape(_rel(out_path))}, "
+              f"report {escape(_rel(report_path(out_path)))}", highlight=False)
+    if r["val_macro_f1_after"] <= r["val_macro_f1_before"]:
+        err.print("[yellow]note:[/] fine-tuning did not beat the frozen backbone on validation; the current "
+                  "features.image.weights may be the better choice")
+    root, weights = Path(params_path).resolve().parent, out_path.resolve()
+    setting = weights.relative_to(root) if weights.is_relative_to(root) else weights
+    out.print(f"next: set `features.image.weights: {escape(str(setting))}` in params.yaml and run `dvc repro`; the "
+              f"features stage computes vectors under encoder id {r['encoder_id']} (a new cache key space: the "
+              "current vectors stay cached). DVC sees the path change, not the file: give each run a new file name.",
+              highlight=False)
+
+
+@app.command()
 def register(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Log the run to MLflow and register the model (alias challenger; champion when there is none)."""
     from fusionops.registry import register_trained_model
