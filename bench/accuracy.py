@@ -10,11 +10,10 @@ a logistic regression on the concatenated frozen vectors. Figures are means over
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 import torch
+from _cli import parser as bench_parser
+from _cli import report
 
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
@@ -22,7 +21,7 @@ from fusionops.evaluate import scores
 from fusionops.features import load_features
 from fusionops.train import fit, predict_logits, split_data
 
-SETTINGS = [("concat", 0.0), ("concat", 0.5), ("gated", 0.0), ("gated", 0.5)]
+SETTINGS = [("concat", 0.0), ("concat", 0.5), ("gated", 0.0), ("gated", 0.5), ("attention", 0.0), ("attention", 0.5)]
 
 
 def mean(rows: list[dict]) -> dict:
@@ -30,10 +29,8 @@ def mean(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -78,10 +75,7 @@ def main() -> None:
         row["no_text_vs_image_only"] = round(row["no_text"]["accuracy"] / result["image_only"]["accuracy"], 3)
         row["no_image_vs_text_only"] = round(row["no_image"]["accuracy"] / result["text_only"]["accuracy"], 3)
         result[f"{head}_dropout_{rate}"] = row
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>22}: {value}")
-    print(json.dumps(result))
+    report(result, json_only=args.json)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ neither read nor changed. The last line of output is a JSON object:
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import parser as bench_parser
+from _cli import report
 
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
@@ -79,9 +79,7 @@ def head_accuracy(prepared, features, train_params) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -135,10 +133,7 @@ def main() -> None:
     result["speedup_vs_naive"] = round(result["end_to_end_img_s"] / result["naive_fp32_img_s"], 2)
     result["goals"] = {"ratio_vs_ceiling": ">= 0.85", "speedup_vs_naive": ">= 3", "warm_rerun_speedup": ">= 50",
                        "incremental_10pct_cost_ratio": "<= 0.15", "bf16_cosine_min": ">= 0.99"}
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>30}: {value}")
-    print(json.dumps(result))
+    report(result, json_only=args.json)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ accuracy of both. The last line of output is a JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
+
+from _cli import parser as bench_parser
+from _cli import report
 
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
@@ -33,10 +34,8 @@ def accuracy(predictor: Predictor, images: list[Path], texts: list[str], labels:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser = bench_parser(__doc__)
     parser.add_argument("--items", type=int, default=1024, help="items to time (from the prepared manifest)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -60,10 +59,7 @@ def main() -> None:
     result["int8_speedup"] = round(result["items_per_s_int8"] / result["items_per_s_default"], 3)
     result["int8_accuracy_change"] = round(result["test_accuracy_int8"] - result["test_accuracy_default"], 4)
     result["goal_items_per_s"] = 60
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>24}: {value}")
-    print(json.dumps(result))
+    report(result, json_only=args.json)
 
 
 if __name__ == "__main__":

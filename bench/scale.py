@@ -11,11 +11,12 @@ docs/scaling.md turns these figures into what N machines would give.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from _cli import parser as bench_parser
+from _cli import report
 
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
@@ -69,10 +70,8 @@ def scheduling_overhead(settings, cache_dir: Path, shards: list[list[str]], prec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser = bench_parser(__doc__)
     parser.add_argument("--items", type=int, default=2000, help="items from the prepared manifest")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -109,10 +108,7 @@ def main() -> None:
         result["per_shard_overhead_s"] = scheduling_overhead(settings("dask2"), tmp / "dask2", shards, precision)
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     result["dask_2_vs_local"] = round(result["dask_2_workers_img_s"] / result["local_img_s"], 3)
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>24}: {value}")
-    print(json.dumps(result))
+    report(result, json_only=args.json)
 
 
 if __name__ == "__main__":

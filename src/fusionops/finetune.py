@@ -46,6 +46,7 @@ from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
 from fusionops.progress import progress_bar
+from fusionops.train import training_labels
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,7 @@ def _split(prepared: pd.DataFrame, images_root: Path) -> tuple[list[str], dict[s
     missing = [c for c in ("item_id", "image", "label", "split") if c not in prepared.columns]
     if missing:
         raise DataError(f"the prepared manifest lacks column(s) {', '.join(missing)}: run `fusionops prepare` again")
-    for split in ("train", "val"):
-        if not (prepared["split"] == split).any():
-            raise DataError(f"the {split} split is empty: add data or change split.train / split.val in params.yaml")
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
-    if len(labels) < 2:
-        raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
+    labels = training_labels(prepared)
     index = {label: i for i, label in enumerate(labels)}
     root = Path(images_root).resolve()
     data = {}

@@ -240,14 +240,21 @@ def _run_key(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) 
     return h.hexdigest()[:16]
 
 
-def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
-    """Train the fused head and the one-modality ablations; write them under params.out_dir."""
+def training_labels(prepared: pd.DataFrame) -> list[str]:
+    """The classes a model trained on this manifest predicts (its train split's labels, sorted); refuses a manifest
+    with an empty train or val split, or fewer than 2 labels."""
     for split in ("train", "val"):
         if not (prepared["split"] == split).any():
             raise DataError(f"the {split} split is empty: add data or change split.train / split.val in params.yaml")
     labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
     if len(labels) < 2:
         raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
+    return labels
+
+
+def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
+    """Train the fused head and the one-modality ablations; write them under params.out_dir."""
+    labels = training_labels(prepared)
     train_data = split_data(prepared, features, labels, "train")
     val_data = split_data(prepared, features, labels, "val")
     checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params)
