@@ -83,12 +83,14 @@ def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, p
         }
         val = split_data(prepared, features, labels, "val")
         metrics["val"] = scores(val.y.numpy(), predict_logits(model, val.image, val.text).argmax(1).numpy())
+        # Measured before anything is written: when it fails (an image gone, other encoder weights), no report of
+        # this run is left beside the previous run's metrics.
+        latency = _latency(model, test, prepared, model_dir(train.out_dir, variant), images_root)
         temperature = config.get("temperature", 1.0)
         metrics["calibration"] = calibration_summary(logits, test.y, temperature)
         plot_reliability(logits, test.y, temperature, params.reliability_diagram,
                          title=f"test reliability, n={len(test.y)}")
         _write_details(test, (logits / temperature).softmax(1).numpy(), labels, params)
-        latency = _latency(model, test, prepared, model_dir(train.out_dir, variant), images_root)
     best_single = max(m["accuracy"] for m in metrics["ablation"].values())
     metrics["fusion_gain_vs_best_single"] = round(metrics["test"]["accuracy"] - best_single, 4)
     metrics["timing"] = {"train_seconds": train_seconds, **latency}

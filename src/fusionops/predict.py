@@ -41,6 +41,15 @@ def _check_encoder(name: str, encoder, recorded: dict) -> None:
                     "drift slightly from the evaluated ones", name, encoder.id, recorded["id"])
 
 
+def _has_image(image) -> bool:
+    """A path, non-empty bytes or a non-blank path string; anything else (None, "", NaN) is a missing image."""
+    if isinstance(image, Path):
+        return True
+    if isinstance(image, bytes | bytearray):
+        return len(image) > 0
+    return isinstance(image, str) and bool(image.strip())
+
+
 class Predictor:
     """A trained head plus its two encoders, rebuilt from the model folder's config.json."""
 
@@ -75,7 +84,7 @@ class Predictor:
         if len(images) != len(texts):
             raise DataError(f"{len(images)} images but {len(texts)} texts: give one of each per item "
                             "(None for a missing one)")
-        has_image = [img is not None and (isinstance(img, Path) or len(img) > 0) for img in images]
+        has_image = [_has_image(img) for img in images]
         has_text = [isinstance(t, str) and bool(t.strip()) for t in texts]
         empty = [i for i, (a, b) in enumerate(zip(has_image, has_text, strict=True)) if not (a or b)]
         if empty:

@@ -24,7 +24,7 @@ class FusionModel(PythonModel):
             data, path, text = row.get("image_bytes"), row.get("image"), row.get("text")
             if isinstance(data, bytes | bytearray) and len(data):
                 images.append(bytes(data))
-            elif isinstance(path, str) and path:
+            elif isinstance(path, str) and path.strip():
                 images.append(path)
             else:
                 images.append(None)

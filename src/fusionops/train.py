@@ -118,8 +118,8 @@ def drop_modalities(image: torch.Tensor, text: torch.Tensor, rate: float,
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams):
     """The learning rate per epoch (stepped after each): a linear warm-up over train.lr_warmup_epochs, then
-    constant, cosine (down to 0 at max_epochs) or plateau (halved after patience // 3 epochs without a better
-    validation macro-F1)."""
+    constant, cosine (down to 0 at max_epochs) or plateau (halved after more than patience // 3 epochs without a
+    better validation macro-F1)."""
     from torch.optim import lr_scheduler as sched
 
     warmup = min(params.lr_warmup_epochs, params.max_epochs - 1)

@@ -119,6 +119,8 @@ def _predicts_with_a_modality_missing(predictor, model, features, prepared, imag
     expected = predict_logits(model, torch.stack([image[0], zero_image, zero_image, image[3]]),
                               torch.stack([zero_text, text[1], text[2], zero_text])).softmax(1)
     assert result["confidence"].to_numpy() == pytest.approx(expected.amax(1).numpy(), abs=1e-5)
+    # A blank path or a NaN (an empty cell of a DataFrame) is a missing image too, never a file to open.
+    assert predictor.predict([float("nan"), " "], texts[:2])["modalities"].tolist() == ["text", "text"]
     with pytest.raises(DataError, match=r"neither an image nor a text \(rows 1\)"):
         predictor.predict([paths[0], b""], [texts[0], None])
 

@@ -155,6 +155,13 @@ def test_up_on_a_taken_port_is_a_clear_error_and_down_stops_nothing_else(team_pl
     assert _fusionops("platform", "status", *team_platform["flags"], cwd=team_platform["project"]).returncode == 0
 
 
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_down_also_stops_what_a_service_started_in_a_session_of_its_own(tmp_path):
     """A process worker starts each flow run in a new session: stopping the worker's group alone would leave it."""
     from fusionops.config import PlatformParams
@@ -163,10 +170,13 @@ def test_down_also_stops_what_a_service_started_in_a_session_of_its_own(tmp_path
     platform = resolve(PlatformParams(dir=tmp_path))
     worker = _spawn(platform, "worker", ["bash", "-c", "setsid sleep 300 & wait"], dict(os.environ))
     deadline = time.monotonic() + 10
-    while not (runs := _descendants(worker.pid)) and time.monotonic() < deadline:
+    runs = []
+    # The child shows up as soon as bash forks it, and leaves the worker's session only once setsid runs in it.
+    while not runs and time.monotonic() < deadline:
         time.sleep(0.05)
+        runs = [p for p in _descendants(worker.pid) if _session(p) not in (None, os.getsid(worker.pid))]
+    assert len(runs) == 1, f"no descendant of the worker in a session of its own: {_descendants(worker.pid)}"
     (run,) = runs
-    assert os.getsid(run) != os.getsid(worker.pid)
     assert down(platform) == ["worker"]
     worker.wait(timeout=5)
     assert _processes().get(run, ("Z",))[0] == "Z"  # gone, or dead and waiting for init to reap it

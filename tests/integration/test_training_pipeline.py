@@ -80,8 +80,19 @@ def test_flow_runs_every_stage_and_reports(first_run, project):
     latency = timing["latency_ms_per_item"]
     assert 0 < latency["p50"] <= latency["p95"] and latency["items"] == min(32, n_test)
     # The test predictions' confidences are the temperature-scaled ones the served model gives.
-    predictions = pd.read_csv(project / "reports/predictions.csv")
-    assert predictions["confidence"].between(0, 1).all()
+    from fusionops.features import load_features
+    from fusionops.models import load_model
+    from fusionops.train import predict_logits, split_data
+
+    model, config = load_model(project / "models/fusion")
+    test = split_data(pd.read_csv(project / "data/prepared/manifest.csv", dtype=str, keep_default_na=False),
+                      load_features(project / "data/features"), config["labels"], "test")
+    logits = predict_logits(model, test.image, test.text)
+    predictions = pd.read_csv(project / "reports/predictions.csv", dtype={"item_id": str}).set_index("item_id")
+    confidence = predictions.loc[test.item_ids, "confidence"].to_numpy()
+    assert confidence == pytest.approx((logits / config["temperature"]).softmax(1).amax(1).numpy(), abs=1e-4)
+    if abs(config["temperature"] - 1) > 0.05:  # ...not the raw ones
+        assert confidence != pytest.approx(logits.softmax(1).amax(1).numpy(), abs=1e-4)
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
 
 
