@@ -112,6 +112,8 @@ class TrainParams(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_dir: Path = Field(Path(".cache/checkpoints"), description="per-epoch state; a killed run resumes")
+    timing: Path = Field(Path("reports/timing.json"), description="wall-clock figures of train and evaluate; not a "
+                                                                  "DVC output: they depend on the machine")
 
 
 class EvaluateParams(Section):

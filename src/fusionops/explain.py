@@ -13,6 +13,7 @@ before the index existed) still explains, without neighbours.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def write_neighbours(folder: Path, model: torch.nn.Module, image: torch.Tensor, 
     if (folder / WEIGHTS_FILE).is_file():
         metadata["model_sha256"] = _sha256(folder / WEIGHTS_FILE)
     with atomic_path(folder / NEIGHBOURS_EMBEDDINGS) as tmp:
-        save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
+        # One metadata key: safetensors stores several in a hash map, in an order that changes from run to run,
+        # and the file must be byte-identical when the model is (DVC hashes it).
+        save_file({"embeddings": embeddings}, str(tmp), metadata={"index": json.dumps(metadata, sort_keys=True)})
     log.debug("neighbour index of %d training items written to %s", len(items), folder)
 
 
@@ -129,7 +132,7 @@ def _load_index(emb_key: tuple[str, int, int], items_key: tuple[str, int, int]) 
 
     emb_path, items_path = Path(emb_key[0]), Path(items_key[0])
     with safe_open(str(emb_path), framework="pt") as f:
-        metadata = f.metadata() or {}
+        metadata = json.loads((f.metadata() or {}).get("index", "{}"))
         embeddings = f.get_tensor("embeddings").float()
     if metadata.get("items_sha256") != _sha256(items_path):
         raise ValueError(f"{items_path.name} does not belong to {emb_path.name} (written by another training run)")

@@ -279,8 +279,11 @@ def register_trained_model(params: Params, root: Path) -> dict:
         "text_encoder_weights_sha256": config["encoders"]["text"]["weights_sha256"],
     }
     artifacts = [params.validate_.report, params.evaluate.metrics, params.evaluate.per_class,
-                 params.evaluate.predictions, params.evaluate.confusion_matrix, params.train.history,
-                 root / "params.yaml", root / "dvc.lock"]
+                 params.evaluate.predictions, params.evaluate.confusion_matrix, params.evaluate.reliability_diagram,
+                 params.train.history, root / "params.yaml", root / "dvc.lock"]
+    if Path(params.train.timing).is_file():  # training seconds and latency: logged as metrics timing.*
+        metrics = {**metrics, "timing": json.loads(Path(params.train.timing).read_text())}
+        artifacts.append(params.train.timing)
     prepared = read_manifest(params.data.prepared)
     example = prepared[prepared["split"] == "test"].head(1)
     # The image as bytes: an example that works on any machine (a path would point into this one).

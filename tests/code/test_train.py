@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -65,13 +67,15 @@ def test_saved_model_predicts_the_same(tmp_path, splits):
 
 def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice_features):
     params = FAST.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history",
-                                     "max_epochs": 5})
+                                     "timing": tmp_path / "timing.json", "max_epochs": 5})
     summary = train(slice_prepared, slice_features, params)
     assert set(summary) == set(VARIANTS)
     for folder in ("fusion", "ablations/image_only", "ablations/text_only"):
         _, config = load_model(tmp_path / "models" / folder)
         assert config["encoders"] == slice_features.encoders
-        assert config["temperature"] > 0 and config["train_seconds"] > 0
+        assert config["temperature"] > 0 and "train_seconds" not in config  # the weights' folder stays reproducible
+    timing = json.loads(params.timing.read_text())["train_seconds"]
+    assert set(timing) == set(VARIANTS) and all(seconds > 0 for seconds in timing.values())
     _, image_only = load_model(tmp_path / "models/ablations/image_only")
     assert image_only["head_kwargs"]["modalities"] == ["image"]
     for variant in VARIANTS:

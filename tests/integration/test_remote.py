@@ -41,6 +41,8 @@ def test_clone_pull_repro_rebuilds_the_registered_model(tmp_path, slice_dir, dem
     logged = client.get_run(version.run_id).data.metrics
     assert rebuilt["test"]["accuracy"] == logged["test.accuracy"]
     assert rebuilt["test"]["macro_f1"] == logged["test.macro_f1"]
-    assert (clone / "models/fusion/model.safetensors").read_bytes() == \
-        (project / "models/fusion/model.safetensors").read_bytes()
+    files = sorted(p.relative_to(project) for p in (project / "models").rglob("*") if p.is_file())
+    assert "models/fusion/neighbours.safetensors" in map(str, files)
+    for name in files:  # weights, config, neighbour index: every byte reproduced from the data version
+        assert (clone / name).read_bytes() == (project / name).read_bytes(), name
     assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=clone)
