@@ -19,7 +19,8 @@ from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
 from fusionops.evaluate import scores
 from fusionops.features import load_features
-from fusionops.train import fit, predict_logits, split_data
+from fusionops.labels import LabelTask
+from fusionops.train import calibrate, fit, predict_logits, split_data, training_labels
 
 SETTINGS = [("concat", 0.0), ("concat", 0.5), ("gated", 0.0), ("gated", 0.5), ("attention", 0.0), ("attention", 0.5)]
 
@@ -36,27 +37,35 @@ def main() -> None:
     params = load_params(args.params)
     prepared = read_manifest(params.data.prepared)
     features = load_features(params.features.out_dir)
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
-    train, val, test = (split_data(prepared, features, labels, s) for s in ("train", "val", "test"))
+    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    train, val, test = (split_data(prepared, features, task, s) for s in ("train", "val", "test"))
     y = test.y.numpy()
 
-    def score(model, image, text) -> dict:
-        return scores(y, predict_logits(model, image, text).argmax(1).numpy())
+    def trained(settings, modalities, name):
+        """The head as the train stage leaves it: calibrated (multi-label: thresholds tuned) on validation."""
+        model, _, _ = fit(train, val, task, settings, modalities=modalities, name=name)
+        return (model, *calibrate(model, val, task))
 
-    result: dict = {"label_column": params.data.label_column, "test_items": len(y), "seeds": args.seeds}
+    def score(fitted, image, text) -> dict:
+        model, temperature, decides = fitted
+        return scores(y, decides.decide_logits(predict_logits(model, image, text), temperature))
+
+    result: dict = {"label_column": params.data.label_column, "label_mode": params.data.label_mode,
+                    "test_items": len(y), "seeds": args.seeds}
     for name, modalities in (("image_only", ("image",)), ("text_only", ("text",))):
         runs = []
         for seed in args.seeds:
-            model, _, _ = fit(train, val, len(labels), params.train.model_copy(update={"seed": seed}),
-                              modalities=modalities, name=f"{name} seed {seed}")
+            model = trained(params.train.model_copy(update={"seed": seed}), modalities, f"{name} seed {seed}")
             runs.append(score(model, test.image, test.text))
         result[name] = mean(runs)
 
     from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    baseline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    logreg = LogisticRegression(max_iter=3000)
+    baseline = make_pipeline(StandardScaler(), OneVsRestClassifier(logreg) if task.multi else logreg)
     baseline.fit(torch.cat([train.image, train.text], 1).numpy(), train.y.numpy())
     result["logreg_concat"] = scores(y, baseline.predict(torch.cat([test.image, test.text], 1).numpy()))
 
@@ -65,8 +74,7 @@ def main() -> None:
         runs = {"test": [], "no_text": [], "no_image": []}
         for seed in args.seeds:
             settings = params.train.model_copy(update={"head": head, "modality_dropout": rate, "seed": seed})
-            model, _, _ = fit(train, val, len(labels), settings, modalities=("image", "text"),
-                              name=f"{head} dropout {rate} seed {seed}")
+            model = trained(settings, ("image", "text"), f"{head} dropout {rate} seed {seed}")
             runs["test"].append(score(model, test.image, test.text))
             runs["no_text"].append(score(model, test.image, torch.zeros_like(test.text)))
             runs["no_image"].append(score(model, torch.zeros_like(test.image), test.text))

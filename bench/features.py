@@ -34,7 +34,8 @@ from fusionops.features import extract_features, load_features
 from fusionops.features.extract import loader_workers
 from fusionops.features.image import build_image_encoder, load_rgb
 from fusionops.features.text import build_text_encoder
-from fusionops.train import fit, predict_logits, split_data
+from fusionops.labels import LabelTask
+from fusionops.train import fit, predict_logits, split_data, training_labels
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -72,9 +73,9 @@ def naive_fp32(encoder, paths: list[Path]) -> float:
 
 
 def head_accuracy(prepared, features, train_params) -> float:
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
-    tr, va, te = (split_data(prepared, features, labels, s) for s in ("train", "val", "test"))
-    model, _, _ = fit(tr, va, len(labels), train_params, modalities=("image", "text"))
+    task = LabelTask(training_labels(prepared))
+    tr, va, te = (split_data(prepared, features, task, s) for s in ("train", "val", "test"))
+    model, _, _ = fit(tr, va, task, train_params, modalities=("image", "text"))
     return float((predict_logits(model, te.image, te.text).argmax(1) == te.y).float().mean())
 
 

@@ -46,8 +46,9 @@ from fusionops.device import resolve_device
 from fusionops.features import load_features
 from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
+from fusionops.labels import LabelTask
 from fusionops.models import create_head
-from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data
+from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data, training_labels
 
 
 def new_head(train_params, image_dim: int, text_dim: int, num_classes: int, device: torch.device):
@@ -133,8 +134,8 @@ def main() -> None:
     params = load_params(args.params)
     prepared = read_manifest(params.data.prepared)
     features = load_features(params.features.out_dir)
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
-    train = split_data(prepared, features, labels, "train")
+    labels = training_labels(prepared)
+    train = split_data(prepared, features, LabelTask(labels), "train")
     rows = prepared[prepared["split"] == "train"]
     root = Path(params.data.images_root)
     device = resolve_device(params.train.device)

@@ -80,7 +80,8 @@ def measure_drift(project_dir: Path, batches: list) -> dict | None:
             extract_features(new, Path("/"), settings)
             new_features = load_features(Path(tmp) / "features")
         return drift_report(prepared[train].reset_index(drop=True), reference.select(train),
-                            params.data.images_root, new, new_features, Path("/"), params.retrain.drift)
+                            params.data.images_root, new, new_features, Path("/"), params.retrain.drift,
+                            separator=params.data.separator)
     except Exception as err:  # noqa: BLE001 - see the docstring: drift must not stop good data from coming in
         get_run_logger().error("drift could not be measured (%s: %s): ingesting without it", type(err).__name__, err)
         return None

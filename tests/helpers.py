@@ -111,8 +111,9 @@ def sh(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def make_project(root: Path, data: Path, *, model_name: str, flows: bool = False, **overrides: dict) -> Path:
-    """A git + DVC project like a fresh clone after `make data`, holding `data` as data/raw.
+def make_project(root: Path, raw: Path, *, model_name: str, flows: bool = False, **overrides: dict) -> Path:
+    """A git + DVC project like a fresh clone after `make data`, holding `raw` as data/raw; `overrides`: params
+    sections to update (e.g. data={"label_column": "subcategory"}).
 
     flows=True adds flows/ and prefect.yaml, for a Prefect worker to run its deployments.
     """
@@ -126,7 +127,7 @@ def make_project(root: Path, data: Path, *, model_name: str, flows: bool = False
     if flows:
         shutil.copytree(ROOT / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "src/fusionops", root / "src/fusionops", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(data, root / "data/raw")
+    shutil.copytree(raw, root / "data/raw")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(max_epochs=30, patience=5)
     params["registry"]["model_name"] = model_name

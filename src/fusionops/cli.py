@@ -62,7 +62,9 @@ def prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
     counts = df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
     for problem in rejected:
         err.print(f"skipped {problem}", highlight=False, markup=False)
-    out.print(f"prepared {len(df)} items, {df['label'].nunique()} labels "
+    from fusionops.labels import explode
+
+    out.print(f"prepared {len(df)} items, {explode(df, params.data.separator)['label'].nunique()} labels "
               f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) -> {_rel(params.data.prepared)}"
               + (f"; {len(rejected)} problem(s) skipped, see {_rel(params.validate_.rejected)}" if rejected else ""))
 
@@ -98,7 +100,7 @@ def validate(
     known = _known_labels(params) if mode == "batch" else None
     report = run(df, root, mode=mode, min_train_items_per_label=params.validate_.min_train_items_per_label,
                  known_labels=known, max_pixels=params.validate_.max_image_pixels,
-                 split=params.split if manifest is not None else None)
+                 split=params.split if manifest is not None else None, separator=params.data.separator)
     if report_path:
         write_report(report, report_path)
     if not report.success:
@@ -109,10 +111,11 @@ def validate(
 def _known_labels(params: Params) -> set[str]:
     """The labels of the current (raw) dataset: the labels a batch may use."""
     from fusionops.ingest import current_dataset
+    from fusionops.labels import known_labels
 
     if not Path(params.data.manifest).is_file():
         raise UserError(f"batch mode compares with the current dataset, but {params.data.manifest} does not exist")
-    return set(current_dataset(params)["label"])
+    return known_labels(current_dataset(params), params.data.separator)
 
 
 @app.command()
@@ -135,7 +138,8 @@ def train(params_path: ParamsOption = Path("params.yaml")) -> None:
     from fusionops.train import train as run
 
     params = load_params(params_path)
-    summary = run(_prepared(params), load_features(params.features.out_dir), params.train)
+    summary = run(_prepared(params), load_features(params.features.out_dir), params.train,
+                  separator=params.data.separator)
     for variant, best in summary.items():
         out.print(f"{variant}: best epoch {best['epoch']}, val macro-F1 {best['val_macro_f1']:.4f}")
 
@@ -177,7 +181,7 @@ def finetune(
     check_out_path(out_path)
     params = load_params(params_path)
     r = run(_prepared(params), params.data.images_root, params.features.image, out=out_path, epochs=epochs, lr=lr,
-            batch_size=batch_size, patience=patience, device=device)
+            batch_size=batch_size, patience=patience, device=device, separator=params.data.separator)
     out.print(f"fine-tuned {', '.join(r['unfrozen'])} of {r['backbone']}: val macro-F1 {r['val_macro_f1_before']:.4f} "
               f"(linear probe, frozen) -> {r['val_macro_f1_after']:.4f} (best epoch {r['best_epoch']} of "
               f"{r['epochs']}; {r['seconds']:.0f} s on {r['device']}) -> {escape(_rel(out_path))}, "

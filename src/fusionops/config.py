@@ -29,8 +29,16 @@ class DataParams(Section):
     image_column: str = "image"
     text_column: str = "text"
     label_column: str = "category"
+    label_mode: Literal["single", "multi"] = Field(
+        "single", description="single: one class per item; multi: a set of tags per item (joined by label_separator)")
+    label_separator: str = Field("|", min_length=1, description="multi: what separates the tags of a label cell")
     group_column: str = "emoji_id"
     prepared: Path = Path("data/prepared/manifest.csv")
+
+    @property
+    def separator(self) -> str | None:
+        """The tag separator in multi-label mode, None in single-label mode."""
+        return self.label_separator if self.label_mode == "multi" else None
 
 
 class SplitParams(Section):

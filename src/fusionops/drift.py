@@ -19,6 +19,7 @@ import pandas as pd
 from fusionops.config import DriftParams, RetrainParams
 from fusionops.features import FeatureSet
 from fusionops.features.image import load_rgb
+from fusionops.labels import explode
 
 
 def _brightness(paths: list[Path]) -> np.ndarray:
@@ -55,9 +56,9 @@ def _vectors(features: FeatureSet) -> np.ndarray:
 
 
 def drift_report(reference: pd.DataFrame, reference_features: FeatureSet, reference_root: Path, new: pd.DataFrame,
-                 new_features: FeatureSet, new_root: Path, params: DriftParams) -> dict:
+                 new_features: FeatureSet, new_root: Path, params: DriftParams, separator: str | None = None) -> dict:
     """Compare new items with the reference (training) items; both frames are canonical manifests whose rows
-    align with their FeatureSet."""
+    align with their FeatureSet. `separator`: multi-label mode, where the label test counts tags."""
     from scipy.stats import chi2_contingency, ks_2samp
 
     rng = np.random.default_rng(params.seed)
@@ -65,9 +66,10 @@ def drift_report(reference: pd.DataFrame, reference_features: FeatureSet, refere
     ref = reference.iloc[ref_rows]
     tests = {}
 
-    labels = sorted(set(ref["label"]) | set(new["label"]))
-    table = np.array([[int((ref["label"] == lab).sum()) for lab in labels],
-                      [int((new["label"] == lab).sum()) for lab in labels]])
+    ref_labels, new_labels = explode(ref, separator)["label"], explode(new, separator)["label"]
+    labels = sorted(set(ref_labels) | set(new_labels))
+    table = np.array([[int((ref_labels == lab).sum()) for lab in labels],
+                      [int((new_labels == lab).sum()) for lab in labels]])
     table = table[:, table.sum(0) > 0]
     chi2, p, _, _ = chi2_contingency(table) if table.shape[1] > 1 else (0.0, 1.0, None, None)
     tests["labels"] = {"statistic": round(float(chi2), 4), "p_value": float(p), "test": "chi-square"}

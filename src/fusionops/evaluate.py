@@ -4,38 +4,57 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, classification_report, f1_score, hamming_loss
 
 from fusionops.atomic import atomic_path, write_json
 from fusionops.calibration import calibration_summary, plot_reliability
 from fusionops.config import EvaluateParams, TrainParams
 from fusionops.features import FeatureSet
+from fusionops.labels import LabelTask
 from fusionops.models import load_model
 from fusionops.train import VARIANTS, SplitData, model_dir, predict_logits, split_data
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    return {
+    """Accuracy and macro-F1; multi-label (0/1 matrices items x tags): accuracy is the share of items with every tag
+    right, macro-F1 averages the tags, and micro-F1 and the Hamming loss (share of wrong item x tag decisions)
+    are added."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim == 2:
+        y_true, y_pred = y_true.astype(int), y_pred.astype(int)
+    out = {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
         "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
         "items": len(y_true),
     }
+    if y_true.ndim == 2:
+        out["micro_f1"] = round(float(f1_score(y_true, y_pred, average="micro", zero_division=0)), 4)
+        out["hamming_loss"] = round(float(hamming_loss(y_true, y_pred)), 4)
+    return out
 
 
-def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix (each row: where the items of one true class went)."""
+def _score(model: torch.nn.Module, task: LabelTask, temperature: float, image: torch.Tensor, text: torch.Tensor,
+           y: torch.Tensor) -> dict:
+    return scores(y.numpy(), task.decide_logits(predict_logits(model, image, text), temperature))
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix: each row, where the items of one true class went. y_true and y_pred are
+    0/1 matrices items x labels; multi-label, a row shows which tags the items with that tag were given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = confusion_matrix(y_true, y_pred, labels=labels).astype(float)
-    cm = np.divide(cm, cm.sum(1, keepdims=True), out=np.zeros_like(cm), where=cm.sum(1, keepdims=True) > 0)
+    cm = (y_true.astype(np.int64).T @ y_pred.astype(np.int64)).astype(float)
+    items = y_true.sum(0).astype(float)[:, None]  # items of each true label
+    cm = np.divide(cm, items, out=np.zeros_like(cm), where=items > 0)
     size = max(6, 0.35 * len(labels) + 3)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
@@ -66,30 +85,28 @@ def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, p
     metrics: dict = {"ablation": {}}
     for variant in VARIANTS:
         model, config = load_model(model_dir(train.out_dir, variant))
-        labels = config["labels"]
-        test = split_data(prepared, features, labels, "test")
-        logits = predict_logits(model, test.image, test.text)
+        task, temperature = LabelTask.from_config(config), config.get("temperature", 1.0)
+        test = split_data(prepared, features, task, "test")
+        score = partial(_score, model, task, temperature)
         if variant != "fusion":
-            metrics["ablation"][variant] = scores(test.y.numpy(), logits.argmax(1).numpy())
+            metrics["ablation"][variant] = score(test.image, test.text, test.y)
             continue
-        metrics["test"] = scores(test.y.numpy(), logits.argmax(1).numpy())
+        metrics["test"] = score(test.image, test.text, test.y)
         # Missing modality: the same test items with every text (then every image) removed, as a zero vector.
         metrics["missing_modality"] = {
-            "no_text": scores(test.y.numpy(), predict_logits(model, test.image, torch.zeros_like(test.text))
-                              .argmax(1).numpy()),
-            "no_image": scores(test.y.numpy(), predict_logits(model, torch.zeros_like(test.image), test.text)
-                               .argmax(1).numpy()),
+            "no_text": score(test.image, torch.zeros_like(test.text), test.y),
+            "no_image": score(torch.zeros_like(test.image), test.text, test.y),
         }
-        val = split_data(prepared, features, labels, "val")
-        metrics["val"] = scores(val.y.numpy(), predict_logits(model, val.image, val.text).argmax(1).numpy())
+        val = split_data(prepared, features, task, "val")
+        metrics["val"] = score(val.image, val.text, val.y)
         # Measured before anything is written: when it fails (an image gone, other encoder weights), no report of
         # this run is left beside the previous run's metrics.
         latency = _latency(model, test, prepared, model_dir(train.out_dir, variant), images_root)
-        temperature = config.get("temperature", 1.0)
+        logits = predict_logits(model, test.image, test.text)
         metrics["calibration"] = calibration_summary(logits, test.y, temperature)
         plot_reliability(logits, test.y, temperature, params.reliability_diagram,
                          title=f"test reliability, n={len(test.y)}")
-        _write_details(test, (logits / temperature).softmax(1).numpy(), labels, params)
+        _write_details(test, task.probabilities(logits, temperature), task, params)
     best_single = max(m["accuracy"] for m in metrics["ablation"].values())
     metrics["fusion_gain_vs_best_single"] = round(metrics["test"]["accuracy"] - best_single, 4)
     metrics = {"test": metrics.pop("test"), **metrics}
@@ -129,16 +146,22 @@ def _latency(model, test: SplitData, prepared: pd.DataFrame, folder: Path, image
     return out
 
 
-def _write_details(test: SplitData, probs: np.ndarray, labels: list[str], params: EvaluateParams) -> None:
+def _write_details(test: SplitData, probs: np.ndarray, task: LabelTask, params: EvaluateParams) -> None:
     """Test predictions (for `dvc plots`), the per-class table and the confusion-matrix picture."""
-    true = [labels[i] for i in test.y.numpy()]
-    pred = [labels[i] for i in probs.argmax(1)]
+    decisions = task.decide(probs)
+    true, pred = task.one_hot(test.y.numpy()), task.one_hot(decisions)
     with atomic_path(params.predictions) as tmp:
-        pd.DataFrame({"item_id": test.item_ids, "actual": true, "predicted": pred,
-                      "confidence": probs.max(1).round(4)}).to_csv(tmp, index=False)
-    report = classification_report(true, pred, labels=labels, output_dict=True, zero_division=0)
+        pd.DataFrame({"item_id": test.item_ids, "actual": task.names(true), "predicted": task.names(pred),
+                      "confidence": task.confidence(probs, decisions).round(4)}).to_csv(tmp, index=False)
+    if task.multi:
+        report = classification_report(true.astype(int), pred.astype(int), target_names=task.labels,
+                                       output_dict=True, zero_division=0)
+    else:
+        report = classification_report(task.names(true), task.names(pred), labels=task.labels, output_dict=True,
+                                       zero_division=0)
     per_class = pd.DataFrame([{"label": label, **{k: round(v, 4) for k, v in report[label].items()}}
-                              for label in labels])
+                              for label in task.labels])
     with atomic_path(params.per_class) as tmp:
         per_class.to_csv(tmp, index=False)
-    plot_confusion(true, pred, labels, params.confusion_matrix, title=f"test confusion (row-normalised), n={len(true)}")
+    title = "test: true tag (row) -> tags given, row-normalised" if task.multi else "test confusion (row-normalised)"
+    plot_confusion(true, pred, task.labels, params.confusion_matrix, title=f"{title}, n={len(test.item_ids)}")

@@ -180,7 +180,8 @@ def explain(predictor: Predictor, images: Sequence[Path | str | bytes | None], t
 
     Each is a dict: `label` and `confidence` (as Predictor.predict), `modalities` (what the head classified from),
     `top` ([{label, probability}], most probable first, temperature-scaled as predict), `contributions`
-    ({image|text: {present, without, drop[, weight]}}: the predicted class's probability without that modality and
+    ({image|text: {present, without, drop[, weight]}}: the most probable class's (multi-label: tag's) probability
+    without that modality and
     how much it drops; None for the only modality present, since nothing would be left; 0 drop for an absent one),
     `weights` (which weights the head reported: "gate", "attention" or None) and `neighbours`
     ([{item_id, label, text, image, similarity}], nearest first; None when the model has no neighbour index).
@@ -204,9 +205,12 @@ def explain(predictor: Predictor, images: Sequence[Path | str | bytes | None], t
     # One pass over all three versions of every item: as given, without the image, without the text.
     logits = predict_logits(head, torch.cat([image, torch.zeros_like(image), image]),
                             torch.cat([text, text, torch.zeros_like(text)]))
-    probs = (logits / predictor.temperature).softmax(1)
+    task = predictor.task
+    probs = torch.from_numpy(task.probabilities(logits, predictor.temperature))
     full, without = probs[:n], {"image": probs[n:2 * n], "text": probs[2 * n:]}
-    predicted = full.argmax(1)
+    decisions = task.decide(full.numpy())
+    names, confidence = task.names(decisions), task.confidence(full.numpy(), decisions)
+    predicted = full.argmax(1)  # the class whose probability the contributions follow (multi-label: the top tag)
     rows = torch.arange(n)
     p_full = full[rows, predicted]
     p_without = {m: torch.where(present[m], without[m][rows, predicted], p_full) for m in MODALITIES}
@@ -240,8 +244,8 @@ def explain(predictor: Predictor, images: Sequence[Path | str | bytes | None], t
                 c["weight"] = round(float(weights[m][i]), 6) if m in weights else 0.0
             contributions[m] = c
         result = {
-            "label": labels[int(predicted[i])],
-            "confidence": round(float(p_full[i]), 6),
+            "label": names[i],
+            "confidence": round(float(confidence[i]), 6),
             "modalities": "+".join(m for m in MODALITIES if present[m][i]),
             "top": [{"label": labels[int(j)], "probability": round(float(p), 6)}
                     for p, j in zip(top_p[i], top_i[i], strict=True)],

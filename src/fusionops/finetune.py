@@ -34,17 +34,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from rich.progress import TextColumn
-from sklearn.metrics import f1_score
+from sklearn.metrics import accuracy_score, f1_score
 
 from fusionops.atomic import atomic_path, write_json
 from fusionops.config import ImageEncoderParams
 from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
+from fusionops.labels import LabelTask
 from fusionops.progress import progress_bar
 from fusionops.train import training_labels
 
@@ -180,42 +180,41 @@ class _GradientsFrom:
 # ------------------------------------------------------------------------------------------------------------ data
 
 class _Images(torch.utils.data.Dataset):
-    """(uint8 pixels, label index): the features stage's decoding and eval preprocessing."""
+    """(uint8 pixels, target: a class index, or a 0/1 row of tags): the features stage's decoding and eval
+    preprocessing."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, encoder: ImageEncoder):
+    def __init__(self, paths: list[Path], labels: torch.Tensor, encoder: ImageEncoder):
         self.paths, self.labels, self.encoder = paths, labels, encoder
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             image = load_rgb(self.paths[i], self.encoder.background)
         except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise DataError(f"cannot read image {self.paths[i]} ({err}): run `fusionops validate`") from None
-        return self.encoder.pixels(image), int(self.labels[i])
+        return self.encoder.pixels(image), self.labels[i]
 
 
-def _split(prepared: pd.DataFrame, images_root: Path) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]]]:
+def _split(prepared: pd.DataFrame, images_root: Path,
+           separator: str | None) -> tuple[LabelTask, dict[str, tuple[list[Path], torch.Tensor]]]:
     missing = [c for c in ("item_id", "image", "label", "split") if c not in prepared.columns]
     if missing:
         raise DataError(f"the prepared manifest lacks column(s) {', '.join(missing)}: run `fusionops prepare` again")
-    labels = training_labels(prepared)
-    index = {label: i for i, label in enumerate(labels)}
+    task = LabelTask(training_labels(prepared, separator), separator=separator)
     root = Path(images_root).resolve()
     data = {}
     for split in ("train", "val"):
         rows = prepared[prepared["split"] == split]
-        unknown = sorted(set(rows["label"]) - set(labels))
-        if unknown:
-            raise DataError(f"{split} split has labels never seen in training: {unknown}; run `fusionops validate`")
+        targets = task.targets(rows["label"], what=f"items of the {split} split")
         paths = [root / p for p in rows["image"]]
         absent = [i for i, p in zip(rows["item_id"], paths, strict=True) if not p.is_file()]
         if absent:
             raise DataError(f"{len(absent)} image(s) not found under {root} (first: row {absent[0]!r}): "
                             "check data.images_root, or run `fusionops validate` to list them")
-        data[split] = paths, rows["label"].map(index).to_numpy(dtype=np.int64)
-    return labels, data
+        data[split] = paths, targets
+    return task, data
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -237,19 +236,21 @@ def _pooled(backbone, encoder, loader, device, dtype, on_batch) -> tuple[torch.T
     return torch.cat(feats), torch.cat(ys)
 
 
-def _macro_f1(y: torch.Tensor, pred: torch.Tensor) -> tuple[float, float]:
-    y, pred = y.numpy(), pred.numpy()
-    return float(f1_score(y, pred, average="macro", zero_division=0)), float((y == pred).mean())
+def _macro_f1(task: LabelTask, y: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Validation macro-F1 and accuracy (multi-label: tags at probability 0.5, items with every tag right)."""
+    pred = task.decide_logits(logits)
+    y = y.numpy().astype(pred.dtype)
+    return float(f1_score(y, pred, average="macro", zero_division=0)), float(accuracy_score(y, pred))
 
 
-def fit_probe(train_x, train_y, val_x, val_y, num_classes: int, *, seed: int = 0, max_epochs: int = 300,
+def fit_probe(train_x, train_y, val_x, val_y, task: LabelTask, *, seed: int = 0, max_epochs: int = 300,
               patience: int = 30, lr: float = 1e-3) -> tuple[torch.nn.Linear, float, float]:
     """A linear classifier on fixed features (AdamW, early stopping on validation macro-F1): (model, F1, accuracy)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probe = torch.nn.Linear(train_x.shape[1], num_classes)
+    probe = torch.nn.Linear(train_x.shape[1], len(task.labels))
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = task.loss()
     best = (-1.0, 0.0, copy.deepcopy(probe.state_dict()), 0)
     for epoch in range(1, max_epochs + 1):
         order = torch.randperm(len(train_y), generator=generator)
@@ -260,7 +261,7 @@ def fit_probe(train_x, train_y, val_x, val_y, num_classes: int, *, seed: int = 0
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            f1, acc = _macro_f1(val_y, probe(val_x).argmax(1))
+            f1, acc = _macro_f1(task, val_y, probe(val_x))
         if f1 > best[0]:
             best = (f1, acc, copy.deepcopy(probe.state_dict()), epoch)
         elif epoch - best[3] >= patience:
@@ -287,14 +288,14 @@ def _train_epoch(backbone, head, forward: _GradientsFrom, encoder, loader, optim
 
 
 @torch.inference_mode()
-def _evaluate(backbone, head, encoder, loader, *, device, dtype, on_batch) -> tuple[float, float]:
-    preds, ys = [], []
+def _evaluate(backbone, head, encoder, loader, task: LabelTask, *, device, dtype, on_batch) -> tuple[float, float]:
+    logits, ys = [], []
     for pixels, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            preds.append(head(backbone(_to_input(encoder, pixels, device))).float().argmax(1).cpu())
+            logits.append(head(backbone(_to_input(encoder, pixels, device))).float().cpu())
         ys.append(y)
         on_batch(len(y))
-    return _macro_f1(torch.cat(ys), torch.cat(preds))
+    return _macro_f1(task, torch.cat(ys), torch.cat(logits))
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -324,7 +325,7 @@ def _save_weights(out: Path, state: dict[str, torch.Tensor], metadata: dict[str,
 
 def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: ImageEncoderParams, *,
              out: Path | str, epochs: int = 10, lr: float = 1e-4, batch_size: int = 64, device: str = "auto",
-             patience: int = 3, seed: int = 0, progress: bool = True) -> dict:
+             patience: int = 3, seed: int = 0, progress: bool = True, separator: str | None = None) -> dict:
     """Fine-tune the backbone of `image_params` (its last stage, see `last_stage`) with a linear classifier on the
     train split of `prepared`; early stopping on validation macro-F1. Write the best epoch's backbone to `out`
     (every key of the original weights file, only the trained parameters changed) and a report to <out>.json.
@@ -337,7 +338,7 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
     if epochs < 1 or batch_size < 1 or lr <= 0 or patience < 1:
         raise UserError("epochs, batch size and patience must be at least 1, and the learning rate above 0")
     started = time.perf_counter()
-    labels, data = _split(prepared, images_root)
+    label_task, data = _split(prepared, images_root, separator)
     device_ = resolve_device(device)
     dtype = autocast_dtype(device_)
     encoder = build_image_encoder(image_params)
@@ -376,7 +377,7 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
         step = lambda n: bar.advance(task, n)  # noqa: E731
         train_x, train_y = _pooled(backbone, encoder, plain, device_, dtype, step)
         val_x, val_y = _pooled(backbone, encoder, val_loader, device_, dtype, step)
-        head, f1_before, acc_before = fit_probe(train_x, train_y, val_x, val_y, len(labels), seed=seed)
+        head, f1_before, acc_before = fit_probe(train_x, train_y, val_x, val_y, label_task, seed=seed)
         bar.update(task, f1=f1_before)
         probe_seconds = round(time.perf_counter() - started, 2)
         log.info("linear probe on the frozen backbone: val macro-F1 %.4f", f1_before)
@@ -386,7 +387,7 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
         optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()),
                                       lr=lr, weight_decay=0.01)
         scaler = torch.amp.GradScaler(device_.type, enabled=dtype == torch.float16)
-        loss_fn = torch.nn.CrossEntropyLoss()
+        loss_fn = label_task.loss()
         best = {"epoch": 0, "val_macro_f1": -1.0, "val_accuracy": 0.0, "state": None}
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -394,7 +395,8 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
             loss = _train_epoch(backbone, head, forward, encoder, train_loader, optimizer, scaler, loss_fn,
                                 device=device_, dtype=dtype, on_batch=step)
-            f1, acc = _evaluate(backbone, head, encoder, val_loader, device=device_, dtype=dtype, on_batch=step)
+            f1, acc = _evaluate(backbone, head, encoder, val_loader, label_task, device=device_,
+                                dtype=dtype, on_batch=step)
             bar.update(task, loss=loss, f1=f1)
             seconds = round(time.perf_counter() - t0, 2)
             history.append({"epoch": epoch, "train_loss": round(loss, 5), "val_macro_f1": round(f1, 5),
@@ -427,7 +429,7 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
                          "runs after it; BatchNorm statistics frozen",
         "trainable_parameters": sum(best["state"][n].numel() for n in best["state"]),
         "total_parameters": _size(backbone),
-        "labels": labels,
+        "labels": label_task.labels,
         "train_items": n_train,
         "val_items": n_val,
         "epochs": len(history),

@@ -4,6 +4,9 @@ Both models are scored on the same items (the stable split keeps the test set fr
 the comparison is paired: a bootstrap confidence interval on the macro-F1 difference (resampling items, both
 models' predictions together) and McNemar's exact test on the items exactly one of them gets right. A per-class
 guard stops a challenger that wins on average by giving up a class.
+
+Multi-label models (label cells are tag lists) are compared on 0/1 matrices items x tags: macro-F1 over the tags,
+an item is right when every one of its tags is, and the per-class guard runs per tag.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from fusionops.config import PromoteParams
+from fusionops.labels import split_tags
 
 
 @dataclass
@@ -36,10 +40,24 @@ class GateResult:
 
 
 def _macro_f1(labels: list[str]):
-    def statistic(y: np.ndarray, pred: np.ndarray) -> float:
-        return f1_score(y, pred, labels=labels, average="macro", zero_division=0)
+    def statistic(y: np.ndarray, pred: np.ndarray) -> float:  # multi-label: every column of the 0/1 matrices
+        return f1_score(y, pred, labels=labels if y.ndim == 1 else None, average="macro", zero_division=0)
 
     return statistic
+
+
+def _right(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per item: the prediction is right (multi-label: every tag of it)."""
+    same = pred == y
+    return same.all(1) if same.ndim == 2 else same
+
+
+def _multi_hot(cells: np.ndarray, labels: list[str], separator: str) -> np.ndarray:
+    index = {label: j for j, label in enumerate(labels)}
+    out = np.zeros((len(cells), len(labels)), dtype=int)
+    for i, cell in enumerate(cells):
+        out[i, [index[t] for t in split_tags(cell, separator) if t in index]] = 1  # a tag no item has: no column
+    return out
 
 
 def bootstrap_delta(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, labels: list[str], *,
@@ -64,7 +82,7 @@ def mcnemar_test(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) ->
     """Exact McNemar p-value on the items exactly one model gets right."""
     from statsmodels.stats.contingency_tables import mcnemar
 
-    a, b = champion == y, challenger == y
+    a, b = _right(y, champion), _right(y, challenger)
     table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
     discordant = {"only_champion_right": table[0][1], "only_challenger_right": table[1][0]}
     if table[0][1] + table[1][0] == 0:
@@ -74,21 +92,28 @@ def mcnemar_test(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) ->
 
 def class_drops(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, labels: list[str]) -> list[dict]:
     """Per-class F1 of both models, largest drop first."""
-    f1_a = f1_score(y, champion, labels=labels, average=None, zero_division=0)
-    f1_b = f1_score(y, challenger, labels=labels, average=None, zero_division=0)
-    support = [int(np.sum(y == label)) for label in labels]
+    columns = labels if y.ndim == 1 else None  # multi-label: the tag columns
+    f1_a = f1_score(y, champion, labels=columns, average=None, zero_division=0)
+    f1_b = f1_score(y, challenger, labels=columns, average=None, zero_division=0)
+    support = [int(np.sum(y == label)) for label in labels] if y.ndim == 1 else y.sum(0).astype(int).tolist()
     rows = [{"label": label, "champion_f1": round(float(a), 4), "challenger_f1": round(float(b), 4),
              "drop": round(float(a - b), 4), "support": n}
             for label, a, b, n in zip(labels, f1_a, f1_b, support, strict=True)]
     return sorted(rows, key=lambda r: -r["drop"])
 
 
-def compare(y_true, champion_pred, challenger_pred, params: PromoteParams) -> GateResult:
-    """Decide whether the challenger replaces the champion; every number behind the decision is in the result."""
+def compare(y_true, champion_pred, challenger_pred, params: PromoteParams, *,
+            separator: str | None = None) -> GateResult:
+    """Decide whether the challenger replaces the champion; every number behind the decision is in the result.
+    `separator`: multi-label, the label cells are tag lists joined by it."""
     y, a, b = (np.asarray(v, dtype=object).astype(str) for v in (y_true, champion_pred, challenger_pred))
     if not len(y) == len(a) == len(b) or len(y) == 0:
         raise ValueError(f"need the same non-empty test items for both models ({len(y)}, {len(a)}, {len(b)})")
-    labels = sorted(set(y))
+    if separator is None:
+        labels = sorted(set(y))
+    else:
+        labels = sorted({tag for cell in y for tag in split_tags(cell, separator)})
+        y, a, b = (_multi_hot(v, labels, separator) for v in (y, a, b))
     f1 = _macro_f1(labels)
     champion = {"accuracy": round(float(accuracy_score(y, a)), 4), "macro_f1": round(f1(y, a), 4)}
     challenger = {"accuracy": round(float(accuracy_score(y, b)), 4), "macro_f1": round(f1(y, b), 4)}

@@ -25,6 +25,7 @@ from fusionops.atomic import atomic_path, write_json
 from fusionops.config import Params
 from fusionops.data.manifest import read_manifest, to_canonical
 from fusionops.errors import DataError
+from fusionops.labels import known_labels
 from fusionops.validation import Problem, Report, validate
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ def check_batch(batch: Batch, params: Params, dataset: pd.DataFrame) -> Report:
                                        "give the batch every column of the raw manifest"))
         return report
     rows = to_canonical(batch.rows, params.data, source=batch.manifest)
-    report = validate(rows, batch.folder, mode="batch", known_labels=set(dataset["label"]),
-                      max_pixels=params.validate_.max_image_pixels)
+    report = validate(rows, batch.folder, mode="batch", known_labels=known_labels(dataset, params.data.separator),
+                      max_pixels=params.validate_.max_image_pixels, separator=params.data.separator)
     if rows.empty:
         report.problems.append(Problem(None, "manifest", "the batch has no rows", "add rows or remove the batch"))
     known = set(dataset["item_id"])

@@ -15,6 +15,7 @@ from fusionops.errors import DataError, UserError
 from fusionops.features.extract import encode_images, loader_workers
 from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
+from fusionops.labels import LabelTask
 from fusionops.models import load_model
 from fusionops.progress import progress_bar
 from fusionops.train import predict_logits
@@ -58,7 +59,8 @@ class Predictor:
         """`precision` None: the one the training vectors were computed in (recorded in the model's config)."""
         self.folder = Path(model_dir)
         self.head, self.config = load_model(self.folder, device="cpu")
-        self.labels: list[str] = self.config["labels"]
+        self.task = LabelTask.from_config(self.config)  # single- or multi-label, with its tuned thresholds
+        self.labels: list[str] = self.task.labels
         self.temperature = float(self.config.get("temperature", 1.0))  # fitted on validation: calibrated confidences
         recorded = self.config["encoders"]
         self.device = resolve_device("cpu" if quantize else device)  # int8 dynamic quantization is a CPU path
@@ -110,13 +112,15 @@ class Predictor:
     def predict(self, images: Sequence[Path | str | bytes | None], texts: Sequence[str | None], *,
                 progress: bool = False) -> pd.DataFrame:
         """Per item: `label`, `confidence` (its probability), `probabilities` ({label: p} for all labels) and
-        `modalities` (what it was classified from: image+text, image or text)."""
+        `modalities` (what it was classified from: image+text, image or text). Multi-label: `label` lists the tags
+        given (joined by the model's label separator) and `confidence` is the least probable one's probability."""
         image, text = self.encode(images, texts, progress=progress)
-        probs = (predict_logits(self.head, image, text) / self.temperature).softmax(1).numpy()
+        probs = self.task.probabilities(predict_logits(self.head, image, text), self.temperature)
+        decisions = self.task.decide(probs)
         has_image, has_text = image.abs().amax(1) > 0, text.abs().amax(1) > 0
         return pd.DataFrame({
-            "label": [self.labels[i] for i in probs.argmax(1)],
-            "confidence": probs.max(1).astype(float),
+            "label": self.task.names(decisions),
+            "confidence": self.task.confidence(probs, decisions).astype(float),
             "probabilities": [dict(zip(self.labels, row.round(6).tolist(), strict=True)) for row in probs],
             "modalities": ["+".join(m for m, ok in (("image", a), ("text", b)) if ok)
                            for a, b in zip(has_image.tolist(), has_text.tolist(), strict=True)],

@@ -361,7 +361,8 @@ def promote(params: Params) -> dict:
     for role, number in (("champion", champion), ("challenger", challenger)):
         model = load_pyfunc(f"models:/{name}/{number}", params)
         predictions[role] = model.predict(frame)["label"].to_numpy()  # each model's own predictions
-    result = compare(y, predictions["champion"], predictions["challenger"], params.promote)
+    result = compare(y, predictions["champion"], predictions["challenger"], params.promote,
+                     separator=params.data.separator)
     report = markdown(result, name=name, champion=champion, challenger=challenger)
     write_text(params.promote.report, report)
     run_id = client.get_model_version(name, challenger).run_id

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.progress import TextColumn
-from sklearn.metrics import f1_score
+from sklearn.metrics import accuracy_score, f1_score
 
 from fusionops.atomic import atomic_dir, atomic_path, write_json
 from fusionops.calibration import fit_temperature
@@ -29,6 +29,7 @@ from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError
 from fusionops.explain import write_neighbours
 from fusionops.features import FeatureSet
+from fusionops.labels import LabelTask, known_labels, tune_thresholds
 from fusionops.models import create_head, save_model
 from fusionops.progress import progress_bar
 
@@ -46,20 +47,15 @@ class SplitData:
     item_ids: list[str]
 
 
-def split_data(prepared: pd.DataFrame, features: FeatureSet, labels: list[str], split: str) -> SplitData:
-    """The rows of one split, as tensors aligned with the label indices."""
+def split_data(prepared: pd.DataFrame, features: FeatureSet, task: LabelTask, split: str) -> SplitData:
+    """The rows of one split, as tensors; y: class indices, or a 0/1 matrix items x tags (multi-label)."""
     if features.item_ids != prepared["item_id"].tolist():
         raise DataError("features do not match the prepared manifest (rows differ): run `fusionops features` again")
     mask = (prepared["split"] == split).to_numpy()
-    index = {label: i for i, label in enumerate(labels)}
-    y = prepared.loc[mask, "label"].map(index)
-    if y.isna().any():
-        unknown = sorted(set(prepared.loc[mask, "label"][y.isna()]))
-        raise DataError(f"{split} split has labels never seen in training: {unknown}; run `fusionops validate`")
     return SplitData(
         image=torch.from_numpy(features.image[mask]),
         text=torch.from_numpy(features.text[mask]),
-        y=torch.from_numpy(y.to_numpy(dtype=np.int64).copy()),
+        y=task.targets(prepared.loc[mask, "label"], what=f"items of the {split} split"),
         item_ids=prepared.loc[mask, "item_id"].tolist(),
     )
 
@@ -158,9 +154,12 @@ def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torc
     return total / len(order)
 
 
-def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams, *, modalities: tuple[str, ...],
+def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, *, modalities: tuple[str, ...],
         name: str = "fusion", checkpoint: Path | None = None) -> tuple[torch.nn.Module, pd.DataFrame, dict]:
     """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model.
+
+    Multi-label (`task.multi`): binary cross-entropy, and validation decides at probability 0.5 (the per-tag
+    thresholds are tuned once the model is chosen).
 
     With `checkpoint`, the state after every epoch (weights, optimizer, random generators, best so far) is saved
     there, and a run that finds one continues from it: a killed run resumes and ends with the same model as an
@@ -170,12 +169,12 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
     device = resolve_device(params.device)
     dtype = head_dtype(device)
     model = create_head(params.head, image_dim=train.image.shape[1], text_dim=train.text.shape[1],
-                        num_classes=num_classes, proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
+                        num_classes=len(task.labels), proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
                         dropout=params.dropout, modalities=modalities).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = lr_scheduler(optimizer, params)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    loss_fn = task.loss(params.label_smoothing)
     state = {"epoch": 0, "finished": False, "best": {"epoch": 0, "val_macro_f1": -1.0, "val_accuracy": 0.0},
              "best_state": None, "history": "[]"}
     saved = _load_checkpoint(checkpoint)
@@ -193,7 +192,7 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
     history = json.loads(state["history"])
     val_text = TextColumn("loss {task.fields[loss]:.3f}  val macro-F1 {task.fields[f1]:.3f}")
     with progress_bar(val_text, unit=None) as bar:
-        task = bar.add_task(f"train {name}", total=params.max_epochs, completed=state["epoch"], loss=float("nan"),
+        epochs_bar = bar.add_task(f"train {name}", total=params.max_epochs, completed=state["epoch"], loss=float("nan"),
                             f1=float("nan"))
         for epoch in range(state["epoch"] + 1, params.max_epochs + 1):
             if state["finished"]:
@@ -202,16 +201,17 @@ def fit(train: SplitData, val: SplitData, num_classes: int, params: TrainParams,
             loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
                                 device=device, dtype=dtype, generator=generator,
                                 modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
-            val_pred = predict_logits(model, val.image, val.text, device=device).argmax(1).numpy()
-            f1 = float(f1_score(val.y.numpy(), val_pred, average="macro", zero_division=0))
-            acc = float((val_pred == val.y.numpy()).mean())
+            val_pred = task.decide_logits(predict_logits(model, val.image, val.text, device=device))
+            val_y = val.y.numpy().astype(val_pred.dtype)  # multi-label: both 0/1 matrices
+            f1 = float(f1_score(val_y, val_pred, average="macro", zero_division=0))
+            acc = float(accuracy_score(val_y, val_pred))  # multi-label: the share of items with every tag right
             history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": acc, "val_macro_f1": f1,
                             "lr": optimizer.param_groups[0]["lr"]})
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(f1)
             else:
                 scheduler.step()
-            bar.update(task, advance=1, loss=loss, f1=f1)
+            bar.update(epochs_bar, advance=1, loss=loss, f1=f1)
             if f1 > state["best"]["val_macro_f1"]:
                 state["best"] = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc}
                 state["best_state"] = copy.deepcopy(model.state_dict())
@@ -240,32 +240,46 @@ def _run_key(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) 
     return h.hexdigest()[:16]
 
 
-def training_labels(prepared: pd.DataFrame) -> list[str]:
-    """The classes a model trained on this manifest predicts (its train split's labels, sorted); refuses a manifest
-    with an empty train or val split, or fewer than 2 labels."""
+def calibrate(model: torch.nn.Module, val: SplitData, task: LabelTask) -> tuple[float, LabelTask]:
+    """What turns the trained head's logits into served decisions, fitted on validation: the temperature (serving
+    divides the logits by it: calibrated confidences, the same argmax; fusionops.calibration) and, multi-label,
+    each tag's threshold (the best F1 on the calibrated probabilities)."""
+    logits = predict_logits(model, val.image, val.text)
+    temperature = round(fit_temperature(logits, val.y), 4)
+    if not task.multi:
+        return temperature, task
+    thresholds = tune_thresholds(task.probabilities(logits, temperature), val.y.numpy())
+    return temperature, LabelTask(task.labels, separator=task.separator, thresholds=thresholds)
+
+
+def training_labels(prepared: pd.DataFrame, separator: str | None = None) -> list[str]:
+    """The classes (multi-label: tags) a model trained on this manifest predicts: its train split's, sorted.
+    Refuses a manifest with an empty train or val split, or fewer than 2 labels."""
     for split in ("train", "val"):
         if not (prepared["split"] == split).any():
             raise DataError(f"the {split} split is empty: add data or change split.train / split.val in params.yaml")
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
+    labels = sorted(known_labels(prepared[prepared["split"] == "train"], separator))
     if len(labels) < 2:
         raise DataError(f"the train split holds {len(labels)} label(s); at least 2 are needed to train a classifier")
     return labels
 
 
-def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> dict:
-    """Train the fused head and the one-modality ablations; write them under params.out_dir."""
-    labels = training_labels(prepared)
-    train_data = split_data(prepared, features, labels, "train")
-    val_data = split_data(prepared, features, labels, "val")
+def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, separator: str | None = None) -> dict:
+    """Train the fused head and the one-modality ablations; write them under params.out_dir.
+
+    `separator`: multi-label mode (data.separator): label cells are tag lists joined by it."""
+    task = LabelTask(training_labels(prepared, separator), separator=separator)
+    labels = task.labels
+    train_data = split_data(prepared, features, task, "train")
+    val_data = split_data(prepared, features, task, "val")
     checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params)
     histories, summary, train_seconds = {}, {}, {}
     for variant, modalities in VARIANTS.items():
         started = time.perf_counter()
-        model, history, best = fit(train_data, val_data, len(labels), params, modalities=modalities, name=variant,
+        model, history, best = fit(train_data, val_data, task, params, modalities=modalities, name=variant,
                                    checkpoint=checkpoints / f"{variant}.pt")
         seconds = time.perf_counter() - started
-        # Serving divides the logits by it: calibrated confidences, the same argmax (fusionops.calibration).
-        temperature = fit_temperature(predict_logits(model, val_data.image, val_data.text), val_data.y)
+        temperature, decides = calibrate(model, val_data, task)
         config = {
             "head": params.head,
             "head_kwargs": {"image_dim": train_data.image.shape[1], "text_dim": train_data.text.shape[1],
@@ -277,7 +291,8 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> 
             "best_epoch": best["epoch"],
             "val_macro_f1": best["val_macro_f1"],
             "val_accuracy": best["val_accuracy"],
-            "temperature": round(temperature, 4),
+            "temperature": temperature,
+            **decides.config(),
         }
         save_model(model_dir(params.out_dir, variant), model, config)
         if variant == "fusion":  # for `fusionops explain`: the nearest training items of what it explains

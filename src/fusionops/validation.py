@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fusionops.atomic import write_json
 from fusionops.data.split import SPLITS
+from fusionops.labels import explode, split_tags
 
 Mode = Literal["rows", "dataset", "batch"]
 ROW_COLUMNS = ("item_id", "image", "text", "label")
@@ -152,8 +153,10 @@ def check_splits(df: pd.DataFrame) -> list[Problem]:
             for split in SPLITS if split not in present]
 
 
-def check_label_counts(df: pd.DataFrame, min_train_items: int) -> list[Problem]:
-    """Every label must have enough training items to be learnt; name the rows of those that do not."""
+def check_label_counts(df: pd.DataFrame, min_train_items: int, separator: str | None = None) -> list[Problem]:
+    """Every label (multi-label: every tag) must have enough training items to be learnt; name the rows of those
+    that do not."""
+    df = explode(df, separator)
     train_counts = df[df["split"] == "train"].groupby("label").size()
     problems = []
     for label, rows in df.groupby("label"):
@@ -169,12 +172,20 @@ def check_label_counts(df: pd.DataFrame, min_train_items: int) -> list[Problem]:
     return problems
 
 
-def check_known_labels(df: pd.DataFrame, known: set[str]) -> list[Problem]:
-    """Batch mode: a new batch may only use labels the dataset (and so the model) already knows."""
-    return [Problem(str(item_id), "label", f"unknown label {label!r} (the dataset has {len(known)} labels)",
+def check_known_labels(df: pd.DataFrame, known: set[str], separator: str | None = None) -> list[Problem]:
+    """Batch mode: a new batch may only use labels (tags) the dataset (and so the model) already knows."""
+    return [Problem(str(item_id), "label", f"unknown label {tag!r} (the dataset has {len(known)} labels)",
                     "use one of the dataset's labels; a new label needs a dataset change, not a batch")
+            for item_id, label in zip(df["item_id"], df["label"], strict=True) if str(label).strip()
+            for tag in split_tags(label, separator) if tag not in known]
+
+
+def check_tag_lists(df: pd.DataFrame, separator: str) -> list[Problem]:
+    """Multi-label: a label cell must name at least one tag ('|' alone names none)."""
+    return [Problem(str(item_id), "label", f"no tag in {label!r}",
+                    f"list the item's tags separated by {separator!r} (data.label_separator)")
             for item_id, label in zip(df["item_id"], df["label"], strict=True)
-            if str(label).strip() and label not in known]
+            if str(label).strip() and not split_tags(label, separator)]
 
 
 def check_image(images_root: Path, relpath: str, *, max_pixels: int = 50_000_000) -> tuple[str, str] | None:
@@ -223,11 +234,13 @@ def check_images(df: pd.DataFrame, images_root: Path, *, max_pixels: int = 50_00
 
 
 def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min_train_items_per_label: int = 1,
-             known_labels: set[str] | None = None, max_pixels: int = 50_000_000, split=None) -> Report:
+             known_labels: set[str] | None = None, max_pixels: int = 50_000_000, split=None,
+             separator: str | None = None) -> Report:
     """Run every check of `mode` on a canonical manifest and return one report with all problems found.
 
     In dataset mode a manifest without a `split` column is split as `prepare` would (`split`: SplitParams), after
     the row checks: every row is checked, including rows whose label prepare would drop as too rare.
+    `separator`: multi-label mode (data.separator): label cells are tag lists, counted and checked per tag.
     """
     required = ROW_COLUMNS + (("split",) if mode == "dataset" and split is None else ())
     expectations, problems = run_expectations(df, required)
@@ -235,17 +248,19 @@ def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min
     if report.table_problems:
         return report  # without the columns there is nothing more to check row by row
     report.problems += check_images(df, images_root, max_pixels=max_pixels)
+    if separator is not None:
+        report.problems += check_tag_lists(df, separator)
     if mode == "dataset":
         if split is not None:
             from fusionops.data.prepare import split_manifest
 
-            df = split_manifest(df[~df["item_id"].isin(report.bad_rows)], split)
+            df = split_manifest(df[~df["item_id"].isin(report.bad_rows)], split, separator)
         report.problems += check_splits(df)
-        report.problems += check_label_counts(df, min_train_items_per_label)
+        report.problems += check_label_counts(df, min_train_items_per_label, separator)
     elif mode == "batch":
         if known_labels is None:
             raise ValueError("batch mode needs the labels of the current dataset")
-        report.problems += check_known_labels(df, known_labels)
+        report.problems += check_known_labels(df, known_labels, separator)
     return report
 
 

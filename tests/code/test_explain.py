@@ -15,8 +15,9 @@ import torch
 from fusionops.config import Params, TrainParams
 from fusionops.errors import UserError
 from fusionops.explain import NEIGHBOURS_EMBEDDINGS, NEIGHBOURS_ITEMS, explain, load_predictor, write_neighbours
+from fusionops.labels import LabelTask
 from fusionops.models import HEADS, save_model
-from fusionops.train import fit, split_data
+from fusionops.train import fit, split_data, training_labels
 
 FAST = TrainParams(max_epochs=4, patience=4, seed=0, device="cpu")
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
@@ -24,10 +25,11 @@ FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
 
 def _train_folder(folder: Path, head: str, prepared: pd.DataFrame, features) -> Path:
     """A trained model folder as the train stage leaves it: weights, config, neighbour index."""
-    labels = sorted(prepared.loc[prepared["split"] == "train", "label"].unique())
-    tr, va = (split_data(prepared, features, labels, s) for s in ("train", "val"))
+    task = LabelTask(training_labels(prepared))
+    labels = task.labels
+    tr, va = (split_data(prepared, features, task, s) for s in ("train", "val"))
     params = FAST.model_copy(update={"head": head})
-    model, _, _ = fit(tr, va, len(labels), params, modalities=("image", "text"))
+    model, _, _ = fit(tr, va, task, params, modalities=("image", "text"))
     config = {"head": head, "labels": labels, "encoders": features.encoders, "temperature": 1.7,
               "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
                               "num_classes": len(labels), "proj_dim": params.proj_dim,

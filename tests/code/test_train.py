@@ -6,16 +6,17 @@ import torch
 
 from fusionops.config import TrainParams
 from fusionops.errors import UserError
+from fusionops.labels import LabelTask
 from fusionops.models import HEADS, create_head, load_model, save_model
-from fusionops.train import VARIANTS, fit, predict_logits, split_data, train
+from fusionops.train import VARIANTS, fit, predict_logits, split_data, train, training_labels
 
 FAST = TrainParams(max_epochs=40, patience=8, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def splits(slice_prepared, slice_features):
-    labels = sorted(slice_prepared.loc[slice_prepared["split"] == "train", "label"].unique())
-    return labels, *(split_data(slice_prepared, slice_features, labels, s) for s in ("train", "val", "test"))
+    task = LabelTask(training_labels(slice_prepared))
+    return task.labels, *(split_data(slice_prepared, slice_features, task, s) for s in ("train", "val", "test"))
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -42,8 +43,8 @@ def test_unknown_head_lists_the_known_ones():
 
 def test_training_learns_and_is_deterministic(splits):
     labels, tr, va, te = splits
-    model_a, history_a, best_a = fit(tr, va, len(labels), FAST, modalities=("image", "text"))
-    model_b, history_b, best_b = fit(tr, va, len(labels), FAST, modalities=("image", "text"))
+    model_a, history_a, best_a = fit(tr, va, LabelTask(labels), FAST, modalities=("image", "text"))
+    model_b, history_b, best_b = fit(tr, va, LabelTask(labels), FAST, modalities=("image", "text"))
     assert history_a.equals(history_b)
     for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -55,7 +56,8 @@ def test_training_learns_and_is_deterministic(splits):
 
 def test_saved_model_predicts_the_same(tmp_path, splits):
     labels, tr, va, te = splits
-    model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 3}), modalities=("image", "text"))
+    model, _, _ = fit(tr, va, LabelTask(labels), FAST.model_copy(update={"max_epochs": 3}),
+                      modalities=("image", "text"))
     config = {"head": FAST.head, "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
                                                 "num_classes": len(labels), "modalities": ["image", "text"]}}
     save_model(tmp_path, model, config)
@@ -92,7 +94,8 @@ def test_predictor_copes_with_a_missing_modality_and_refuses_other_encoder_weigh
     from fusionops.predict import Predictor
 
     labels, tr, va, te = splits
-    model, _, _ = fit(tr, va, len(labels), FAST.model_copy(update={"max_epochs": 1}), modalities=("image", "text"))
+    model, _, _ = fit(tr, va, LabelTask(labels), FAST.model_copy(update={"max_epochs": 1}),
+                      modalities=("image", "text"))
     encoders = {k: dict(v) for k, v in slice_features.encoders.items()}
     config = {"head": FAST.head, "labels": labels, "encoders": encoders,
               "head_kwargs": {"image_dim": tr.image.shape[1], "text_dim": tr.text.shape[1],
@@ -161,8 +164,8 @@ def test_modality_dropout_removes_one_modality_of_the_chosen_share():
 def test_training_with_modality_dropout_is_deterministic_and_copes_without_text(splits):
     labels, tr, va, te = splits
     settings = FAST.model_copy(update={"modality_dropout": 0.5, "head": "gated"})
-    model_a, history_a, _ = fit(tr, va, len(labels), settings, modalities=("image", "text"))
-    _, history_b, _ = fit(tr, va, len(labels), settings, modalities=("image", "text"))
+    model_a, history_a, _ = fit(tr, va, LabelTask(labels), settings, modalities=("image", "text"))
+    _, history_b, _ = fit(tr, va, LabelTask(labels), settings, modalities=("image", "text"))
     assert history_a.equals(history_b)
     no_text = predict_logits(model_a, te.image, torch.zeros_like(te.text)).argmax(1)
     assert (no_text == te.y).float().mean().item() > 1 / len(labels)  # above chance from the image alone

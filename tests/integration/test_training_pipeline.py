@@ -83,12 +83,13 @@ def test_flow_runs_every_stage_and_reports(first_run, project):
     assert 0 < latency["p50"] <= latency["p95"] and latency["items"] == min(32, n_test)
     # The test predictions' confidences are the temperature-scaled ones the served model gives.
     from fusionops.features import load_features
+    from fusionops.labels import LabelTask
     from fusionops.models import load_model
     from fusionops.train import predict_logits, split_data
 
     model, config = load_model(project / "models/fusion")
     test = split_data(pd.read_csv(project / "data/prepared/manifest.csv", dtype=str, keep_default_na=False),
-                      load_features(project / "data/features"), config["labels"], "test")
+                      load_features(project / "data/features"), LabelTask.from_config(config), "test")
     logits = predict_logits(model, test.image, test.text)
     predictions = pd.read_csv(project / "reports/predictions.csv", dtype={"item_id": str}).set_index("item_id")
     confidence = predictions.loc[test.item_ids, "confidence"].to_numpy()

@@ -12,6 +12,7 @@ from fusionops.config import DataParams, SplitParams, ValidateParams
 from fusionops.data.manifest import read_manifest, to_canonical
 from fusionops.data.split import assign_splits
 from fusionops.errors import DataError
+from fusionops.labels import canonical, explode, join_tags, split_tags
 
 log = logging.getLogger(__name__)
 
@@ -21,29 +22,38 @@ def _with_groups(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(group=df["group"].where(df["group"].str.strip() != "", df["item_id"]))
 
 
-def rare_labels(df: pd.DataFrame, split: SplitParams) -> pd.Series:
-    """Groups per label, for the labels with fewer than split.min_groups_per_label groups."""
-    groups_per_label = _with_groups(df).groupby("label")["group"].nunique()
+def rare_labels(df: pd.DataFrame, split: SplitParams, separator: str | None = None) -> pd.Series:
+    """Groups per label, for the labels with fewer than split.min_groups_per_label groups (multi-label: per tag)."""
+    groups_per_label = explode(_with_groups(df), separator).groupby("label")["group"].nunique()
     return groups_per_label[groups_per_label < split.min_groups_per_label]
 
 
-def split_manifest(df: pd.DataFrame, split: SplitParams) -> pd.DataFrame:
+def without_rare(df: pd.DataFrame, rare: pd.Series, separator: str | None) -> pd.DataFrame:
+    """The rows that keep a label once the rare ones are gone (multi-label: rare tags are taken off the list)."""
+    if separator is None:
+        return df[~df["label"].isin(rare.index)]
+    kept = df["label"].map(lambda cell: join_tags((t for t in split_tags(cell, separator) if t not in rare.index),
+                                                  separator))
+    return df.assign(label=kept)[kept != ""]
+
+
+def split_manifest(df: pd.DataFrame, split: SplitParams, separator: str | None = None) -> pd.DataFrame:
     """Rare labels dropped and a split per row (train/val/test by hashed group) on a canonical manifest."""
-    df = _with_groups(df)
-    rare = rare_labels(df, split)
+    df = _with_groups(df).assign(label=lambda d: canonical(d["label"], separator))
+    rare = rare_labels(df, split, separator)
     if len(rare):
         log.warning(
             "dropping %d label(s) with fewer than %d groups (split.min_groups_per_label): %s",
             len(rare), split.min_groups_per_label, ", ".join(map(str, rare.index)),
         )
-        df = df[~df["label"].isin(rare.index)].reset_index(drop=True)
+        df = without_rare(df, rare, separator).reset_index(drop=True)
     df["split"] = assign_splits(df["group"], train=split.train, val=split.val, salt=split.salt)
     return df
 
 
 def prepare_manifest(raw: pd.DataFrame, data: DataParams, split: SplitParams) -> pd.DataFrame:
     """Canonical columns, rare labels dropped, split assigned (no row checks: see `prepare`)."""
-    return split_manifest(to_canonical(raw, data, source=data.manifest), split)
+    return split_manifest(to_canonical(raw, data, source=data.manifest), split, data.separator)
 
 
 def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tuple[pd.DataFrame, list]:
@@ -55,7 +65,8 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     from fusionops.validation import Problem, validate
 
     df = to_canonical(read_manifest(data.manifest), data, source=data.manifest)
-    report = validate(df, data.images_root, mode="rows", max_pixels=checks.max_image_pixels)
+    report = validate(df, data.images_root, mode="rows", max_pixels=checks.max_image_pixels,
+                      separator=data.separator)
     if report.table_problems or (report.problems and checks.on_bad_rows == "fail"):
         hint = "" if report.table_problems else "\n(or set validate.on_bad_rows: skip to drop bad rows and go on)"
         raise DataError(f"{data.manifest}: {report.summary()}{hint}\nnothing was written")
@@ -65,12 +76,16 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
                     len(report.bad_rows), checks.rejected)
         df = df[~df["item_id"].isin(report.bad_rows)].reset_index(drop=True)
     # Rows of labels too rare to split are listed too: every raw row is either prepared or rejected, with a reason.
-    rare = rare_labels(df, split)
-    rejected += [Problem(str(i), "label", f"label {label!r} has {rare[label]} group(s), fewer than "
-                         f"split.min_groups_per_label={split.min_groups_per_label}: not trained on",
+    # (Multi-label: the rows whose every tag is too rare; the others only lose their rare tags.)
+    rare = rare_labels(df, split, data.separator)
+    kept = set(without_rare(df, rare, data.separator)["item_id"])
+    rejected += [Problem(str(i), "label", f"label {label!r}: fewer than split.min_groups_per_label="
+                         f"{split.min_groups_per_label} groups ({', '.join(f'{t!r}: {rare[t]}' for t in tags)}): "
+                         "not trained on",
                          "add items of this label (other groups), or lower split.min_groups_per_label")
-                 for i, label in zip(df["item_id"], df["label"], strict=True) if label in rare.index]
-    df = split_manifest(df, split)
+                 for i, label in zip(df["item_id"], df["label"], strict=True) if i not in kept
+                 for tags in [[t for t in split_tags(label, data.separator) if t in rare.index]]]
+    df = split_manifest(df, split, data.separator)
     _write_csv(pd.DataFrame([vars(p) for p in rejected], columns=["item_id", "column", "problem", "fix"]),
                checks.rejected)
     _write_csv(df, data.prepared)
