@@ -47,7 +47,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 def forward_ceiling(encoder, paths: list[Path], batch_size: int, dtype, device) -> float:
     """The same images, decoded and preprocessed beforehand (uint8, as the workers produce them): what is left is
     the model. Same images and about as long as the end-to-end run, so machine noise hits both alike."""
-    model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
+    model = encoder.model_for(dtype).to(device).to(memory_format=torch.channels_last).eval()
     pixels = [encoder.pixels(load_rgb(p, encoder.background)) for p in paths]
     batches = [encoder.normalize(torch.stack(pixels[i:i + batch_size])).contiguous(memory_format=torch.channels_last)
                for i in range(0, len(pixels), batch_size)]

@@ -72,7 +72,7 @@ def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *
                        num_workers: int, device: torch.device, dtype: torch.dtype | None,
                        shard_size: int | None = None) -> Iterator[np.ndarray]:
     """Yield float32 vectors batch by batch, in the order of `sources` (one DataLoader, its workers kept busy)."""
-    model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
+    model = encoder.model_for(dtype).to(device).to(memory_format=torch.channels_last).eval()
     workers = num_workers  # resolved by the caller (loader_workers) before any progress-bar thread starts
     log.debug("encoding %d images, %d decoding worker process(es)", len(sources), workers)
     loader = torch.utils.data.DataLoader(
