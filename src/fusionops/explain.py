@@ -297,7 +297,8 @@ def summary(explanation: dict) -> RenderableType:
         classes.add_row(Text(t["label"]), f"{t['probability']:.3f}")
     parts.append(classes)
     kind = explanation["weights"]
-    contrib = Table("modality", "present", f"P({escape(label)}) without it", "drop",
+    followed = explanation["top"][0]["label"]  # the class the contributions follow (multi-label: the top tag)
+    contrib = Table("modality", "present", f"P({escape(followed)}) without it", "drop",
                     *([f"{kind} weight"] if kind else []), title="contributions", title_justify="left", box=None)
     for m, c in explanation["contributions"].items():
         if c["without"] is None:

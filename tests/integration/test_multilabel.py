@@ -105,6 +105,19 @@ def test_cli_predictions_and_the_gate_speak_tags(tagged):
     evaluated = pd.read_csv(tagged / "reports/predictions.csv", dtype=str, keep_default_na=False).set_index("item_id")
     assert out["prediction"].tolist()[1:] == evaluated.loc[out["item_id"][1:], "predicted"].tolist()
 
+    # explain speaks tags too: the same tags, the top tags by probability, contributions to the top tag.
+    sh("fusionops", "explain", "--model", "models/fusion", "--manifest", "new.csv", "--images-root", "data/raw",
+       "--out", "explained.json", cwd=tagged)
+    explained = json.loads((tagged / "explained.json").read_text())
+    assert [e["label"] for e in explained] == out["prediction"].tolist()
+    for e in explained:
+        top = [t["probability"] for t in e["top"]]
+        assert top == sorted(top, reverse=True) and e["confidence"] <= top[0]
+    first = items.iloc[1]
+    shown = sh("fusionops", "explain", "--model", "models/fusion", "--image", f"data/raw/{first['image']}",
+               "--text", first["text"], cwd=tagged)
+    assert f"P({explained[1]['top'][0]['label']}) without it" in shown
+
     # A second model (another seed) is the challenger; the gate compares both on the test items, tag by tag.
     params = yaml.safe_load((tagged / "params.yaml").read_text())
     params["train"]["seed"] = 1
