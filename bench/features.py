@@ -30,6 +30,7 @@ from _cli import report
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
 from fusionops.device import autocast_dtype, precision_name, resolve_device
+from fusionops.evaluate import scores
 from fusionops.features import extract_features, load_features
 from fusionops.features.extract import loader_workers
 from fusionops.features.image import build_image_encoder, load_rgb
@@ -72,11 +73,12 @@ def naive_fp32(encoder, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def head_accuracy(prepared, features, train_params) -> float:
-    task = LabelTask(training_labels(prepared))
+def head_accuracy(prepared, features, train_params, separator: str | None) -> float:
+    """Test accuracy of the fused head trained on these vectors (multi-label: exact match at probability 0.5)."""
+    task = LabelTask(training_labels(prepared, separator), separator=separator)
     tr, va, te = (split_data(prepared, features, task, s) for s in ("train", "val", "test"))
     model, _, _ = fit(tr, va, task, train_params, modalities=("image", "text"))
-    return float((predict_logits(model, te.image, te.text).argmax(1) == te.y).float().mean())
+    return scores(te.y.numpy(), task.decide_logits(predict_logits(model, te.image, te.text)))["accuracy"]
 
 
 def main() -> None:
@@ -122,8 +124,8 @@ def main() -> None:
     norms = np.linalg.norm(bf16.image, axis=1) * np.linalg.norm(fp32.image, axis=1)
     cosine = (bf16.image * fp32.image).sum(1) / norms
     result.update(bf16_cosine_min=round(float(cosine.min()), 5), bf16_cosine_mean=round(float(cosine.mean()), 5))
-    result["test_accuracy_bf16"] = round(head_accuracy(prepared, bf16, params.train), 4)
-    result["test_accuracy_fp32"] = round(head_accuracy(prepared, fp32, params.train), 4)
+    result["test_accuracy_bf16"] = round(head_accuracy(prepared, bf16, params.train, params.data.separator), 4)
+    result["test_accuracy_fp32"] = round(head_accuracy(prepared, fp32, params.train, params.data.separator), 4)
 
     encoder = build_image_encoder(params.features.image)
     paths = [root / p for p in prepared["image"].drop_duplicates()]

@@ -51,22 +51,22 @@ from fusionops.models import create_head
 from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data, training_labels
 
 
-def new_head(train_params, image_dim: int, text_dim: int, num_classes: int, device: torch.device):
+def new_head(train_params, image_dim: int, text_dim: int, task: LabelTask, device: torch.device):
     """The head, optimizer, scaler and loss exactly as fusionops.train.fit builds them."""
-    model = create_head(train_params.head, image_dim=image_dim, text_dim=text_dim, num_classes=num_classes,
+    model = create_head(train_params.head, image_dim=image_dim, text_dim=text_dim, num_classes=len(task.labels),
                         proj_dim=train_params.proj_dim, hidden_dim=train_params.hidden_dim,
                         dropout=train_params.dropout, modalities=("image", "text")).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=head_dtype(device) == torch.float16)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=train_params.label_smoothing)
+    loss_fn = task.loss(train_params.label_smoothing)
     return model, optimizer, scaler, loss_fn
 
 
-def cached_epochs(train, num_classes: int, train_params, device: torch.device, epochs: int) -> list[float]:
+def cached_epochs(train, task: LabelTask, train_params, device: torch.device, epochs: int) -> list[float]:
     """Seconds of each of `epochs` timed epochs of fusionops.train._train_epoch, after one warm-up epoch."""
     generator = seed_everything(train_params.seed)
     model, optimizer, scaler, loss_fn = new_head(train_params, train.image.shape[1], train.text.shape[1],
-                                                 num_classes, device)
+                                                 task, device)
     times = []
     for epoch in range(epochs + 1):
         start = time.perf_counter()
@@ -80,7 +80,7 @@ def cached_epochs(train, num_classes: int, train_params, device: torch.device, e
 
 
 def naive_epoch(image_paths: list[Path], texts: list[str], y: torch.Tensor, image_encoder, text_encoder,
-                num_classes: int, train_params, device: torch.device, max_batches: int) -> tuple[float, int]:
+                task: LabelTask, train_params, device: torch.device, max_batches: int) -> tuple[float, int]:
     """(seconds, items) of the end-to-end loop over the first `max_batches` batches (0 = all), after one warm-up
     batch. Everything a tutorial does per batch is inside the timed region."""
     from PIL import Image
@@ -91,7 +91,7 @@ def naive_epoch(image_paths: list[Path], texts: list[str], y: torch.Tensor, imag
     cnn = image_encoder.model.to(device).to(memory_format=torch.contiguous_format).float().eval()
     transformer = text_encoder.model.to(device).float().eval()
     tokenizer = text_encoder.tokenizer
-    model, optimizer, _, loss_fn = new_head(train_params, image_encoder.dim, text_encoder.dim, num_classes, device)
+    model, optimizer, _, loss_fn = new_head(train_params, image_encoder.dim, text_encoder.dim, task, device)
     batch_size = train_params.batch_size
 
     def step(idx: torch.Tensor) -> None:
@@ -134,21 +134,21 @@ def main() -> None:
     params = load_params(args.params)
     prepared = read_manifest(params.data.prepared)
     features = load_features(params.features.out_dir)
-    labels = training_labels(prepared)
-    train = split_data(prepared, features, LabelTask(labels), "train")
+    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    train = split_data(prepared, features, task, "train")
     rows = prepared[prepared["split"] == "train"]
     root = Path(params.data.images_root)
     device = resolve_device(params.train.device)
     items = len(train.y)
     load_before = os.getloadavg()[0]
 
-    times = cached_epochs(train, len(labels), params.train, device, args.cached_epochs)
+    times = cached_epochs(train, task, params.train, device, args.cached_epochs)
     cached = statistics.median(times)
 
     image_encoder = build_image_encoder(params.features.image)
     text_encoder = build_text_encoder(params.features.text)
     seconds, measured = naive_epoch([root / p for p in rows["image"]], rows["text"].tolist(), train.y,
-                                    image_encoder, text_encoder, len(labels), params.train, device,
+                                    image_encoder, text_encoder, task, params.train, device,
                                     args.naive_batches)
     naive = seconds / measured * items
 

@@ -16,7 +16,7 @@ from fusionops.atomic import atomic_path, write_json
 from fusionops.calibration import calibration_summary, plot_reliability
 from fusionops.config import EvaluateParams, TrainParams
 from fusionops.features import FeatureSet
-from fusionops.labels import LabelTask
+from fusionops.labels import LabelTask, macro_f1
 from fusionops.models import load_model
 from fusionops.train import VARIANTS, SplitData, model_dir, predict_logits, split_data
 
@@ -30,7 +30,7 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         y_true, y_pred = y_true.astype(int), y_pred.astype(int)
     out = {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
+        "macro_f1": round(macro_f1(y_true, y_pred), 4),
         "items": len(y_true),
     }
     if y_true.ndim == 2:

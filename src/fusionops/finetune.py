@@ -37,14 +37,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 from rich.progress import TextColumn
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score
 
 from fusionops.atomic import atomic_path, write_json
 from fusionops.config import ImageEncoderParams
 from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
-from fusionops.labels import LabelTask
+from fusionops.labels import LabelTask, macro_f1
 from fusionops.progress import progress_bar
 from fusionops.train import training_labels
 
@@ -207,7 +207,7 @@ def _split(prepared: pd.DataFrame, images_root: Path,
     data = {}
     for split in ("train", "val"):
         rows = prepared[prepared["split"] == split]
-        targets = task.targets(rows["label"], what=f"items of the {split} split")
+        targets = task.targets(rows["label"], what=f"items of the {split} split", ids=rows["item_id"].tolist())
         paths = [root / p for p in rows["image"]]
         absent = [i for i, p in zip(rows["item_id"], paths, strict=True) if not p.is_file()]
         if absent:
@@ -240,7 +240,7 @@ def _macro_f1(task: LabelTask, y: torch.Tensor, logits: torch.Tensor) -> tuple[f
     """Validation macro-F1 and accuracy (multi-label: tags at probability 0.5, items with every tag right)."""
     pred = task.decide_logits(logits)
     y = y.numpy().astype(pred.dtype)
-    return float(f1_score(y, pred, average="macro", zero_division=0)), float(accuracy_score(y, pred))
+    return macro_f1(y, pred), float(accuracy_score(y, pred))
 
 
 def fit_probe(train_x, train_y, val_x, val_y, task: LabelTask, *, seed: int = 0, max_epochs: int = 300,

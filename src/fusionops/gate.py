@@ -39,9 +39,9 @@ class GateResult:
         return asdict(self)
 
 
-def _macro_f1(labels: list[str]):
-    def statistic(y: np.ndarray, pred: np.ndarray) -> float:  # multi-label: every column of the 0/1 matrices
-        return f1_score(y, pred, labels=labels if y.ndim == 1 else None, average="macro", zero_division=0)
+def _macro_f1(labels: list):
+    def statistic(y: np.ndarray, pred: np.ndarray) -> float:  # multi-label: `labels` are column indices
+        return f1_score(y, pred, labels=labels, average="macro", zero_division=0)
 
     return statistic
 
@@ -56,7 +56,7 @@ def _multi_hot(cells: np.ndarray, labels: list[str], separator: str) -> np.ndarr
     index = {label: j for j, label in enumerate(labels)}
     out = np.zeros((len(cells), len(labels)), dtype=int)
     for i, cell in enumerate(cells):
-        out[i, [index[t] for t in split_tags(cell, separator) if t in index]] = 1  # a tag no item has: no column
+        out[i, [index[t] for t in split_tags(cell, separator)]] = 1
     return out
 
 
@@ -90,12 +90,13 @@ def mcnemar_test(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) ->
     return float(mcnemar(table, exact=True).pvalue), discordant
 
 
-def class_drops(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, labels: list[str]) -> list[dict]:
-    """Per-class F1 of both models, largest drop first."""
-    columns = labels if y.ndim == 1 else None  # multi-label: the tag columns
-    f1_a = f1_score(y, champion, labels=columns, average=None, zero_division=0)
-    f1_b = f1_score(y, challenger, labels=columns, average=None, zero_division=0)
-    support = [int(np.sum(y == label)) for label in labels] if y.ndim == 1 else y.sum(0).astype(int).tolist()
+def class_drops(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, labels: list[str],
+                columns: list[int] | None = None) -> list[dict]:
+    """Per-class F1 of both models, largest drop first (multi-label: `columns` are the tags' columns)."""
+    scored = labels if columns is None else columns
+    f1_a = f1_score(y, champion, labels=scored, average=None, zero_division=0)
+    f1_b = f1_score(y, challenger, labels=scored, average=None, zero_division=0)
+    support = [int(np.sum(y == label)) for label in labels] if columns is None else y[:, columns].sum(0).tolist()
     rows = [{"label": label, "champion_f1": round(float(a), 4), "challenger_f1": round(float(b), 4),
              "drop": round(float(a - b), 4), "support": n}
             for label, a, b, n in zip(labels, f1_a, f1_b, support, strict=True)]
@@ -109,19 +110,23 @@ def compare(y_true, champion_pred, challenger_pred, params: PromoteParams, *,
     y, a, b = (np.asarray(v, dtype=object).astype(str) for v in (y_true, champion_pred, challenger_pred))
     if not len(y) == len(a) == len(b) or len(y) == 0:
         raise ValueError(f"need the same non-empty test items for both models ({len(y)}, {len(a)}, {len(b)})")
+    columns = None
     if separator is None:
         labels = sorted(set(y))
-    else:
+    else:  # every tag either side names is a column (a wrong extra tag makes the item wrong); scored: the true tags
         labels = sorted({tag for cell in y for tag in split_tags(cell, separator)})
-        y, a, b = (_multi_hot(v, labels, separator) for v in (y, a, b))
-    f1 = _macro_f1(labels)
+        every = sorted({tag for cell in (*y, *a, *b) for tag in split_tags(cell, separator)})
+        y, a, b = (_multi_hot(v, every, separator) for v in (y, a, b))
+        columns = [every.index(tag) for tag in labels]
+    scored = labels if columns is None else columns
+    f1 = _macro_f1(scored)
     champion = {"accuracy": round(float(accuracy_score(y, a)), 4), "macro_f1": round(f1(y, a), 4)}
     challenger = {"accuracy": round(float(accuracy_score(y, b)), 4), "macro_f1": round(f1(y, b), 4)}
     level = 1 - params.alpha
-    low, high = bootstrap_delta(y, a, b, labels, n_resamples=params.n_resamples, confidence_level=level,
+    low, high = bootstrap_delta(y, a, b, scored, n_resamples=params.n_resamples, confidence_level=level,
                                 seed=params.seed)
     p, discordant = mcnemar_test(y, a, b)
-    drops = class_drops(y, a, b, labels)
+    drops = class_drops(y, a, b, labels, columns)
     worst = drops[0]
     delta = f1(y, b) - f1(y, a)
 

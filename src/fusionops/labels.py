@@ -10,14 +10,15 @@ sorted and without duplicates, so one set of tags has one spelling.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.nn import functional as F
 
-from fusionops.calibration import probabilities
 from fusionops.errors import DataError
+
+if TYPE_CHECKING:  # torch loads only where models run: prepare, validate and ingest never pay for it
+    import torch
 
 
 def split_tags(cell: str, separator: str | None) -> tuple[str, ...]:
@@ -49,6 +50,19 @@ def explode(df: pd.DataFrame, separator: str | None) -> pd.DataFrame:
 def known_labels(df: pd.DataFrame, separator: str | None) -> set[str]:
     """Every label (multi-label: every tag) the manifest uses."""
     return set(explode(df, separator)["label"])
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Macro-F1 over the labels that occur in `y` or `pred`. Multi-label (0/1 matrices): over the tags some item has
+    or is given, as single-label does over classes; a tag absent from both would count as F1 0."""
+    from sklearn.metrics import f1_score
+
+    if y.ndim == 1:
+        return float(f1_score(y, pred, average="macro", zero_division=0))
+    present = np.flatnonzero(y.any(0) | pred.any(0))
+    if not len(present):
+        return 0.0
+    return float(f1_score(y, pred, labels=present, average="macro", zero_division=0))
 
 
 def tune_thresholds(probs: np.ndarray, y: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
@@ -94,12 +108,18 @@ class LabelTask:
         return {"label_mode": "multi", "label_separator": self.separator,
                 "thresholds": [round(float(t), 4) for t in self.thresholds]}
 
-    def targets(self, cells: pd.Series, what: str = "these items") -> torch.Tensor:
-        """Class indices (single) or a 0/1 matrix items x tags (multi); labels the model does not know: refused."""
+    def targets(self, cells: pd.Series, what: str = "these items", ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Class indices (single) or a 0/1 matrix items x tags (multi); labels the model does not know: refused,
+        naming the first rows (`ids`) that have them."""
+        import torch
+
         tags = [split_tags(cell, self.separator) for cell in cells]
         unknown = sorted({t for item in tags for t in item if t not in self.index})
         if unknown:
-            raise DataError(f"{what} have labels never seen in training: {unknown}; run `fusionops validate`")
+            rows = [str(ids[i]) for i, item in enumerate(tags) if set(item) - self.index.keys()] if ids else []
+            shown = f" (rows {', '.join(map(repr, rows[:5]))}{', ...' if len(rows) > 5 else ''})" if rows else ""
+            raise DataError(f"{what} have labels never seen in training: {unknown}{shown}; run `fusionops "
+                            "validate`, or lower split.min_groups_per_label so prepare drops them")
         if not self.multi:
             return torch.tensor([self.index[t[0]] for t in tags], dtype=torch.int64)
         y = torch.zeros(len(tags), len(self.labels))
@@ -109,6 +129,9 @@ class LabelTask:
 
     def loss(self, label_smoothing: float = 0.0):
         """Cross-entropy (single) or binary cross-entropy with targets smoothed towards 0.5 (multi)."""
+        import torch
+        from torch.nn import functional as F
+
         if not self.multi:
             return torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -118,6 +141,8 @@ class LabelTask:
         return bce
 
     def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+        from fusionops.calibration import probabilities
+
         return probabilities(logits, temperature, multi=self.multi)
 
     def decide_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:

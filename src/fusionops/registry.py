@@ -273,6 +273,8 @@ def register_trained_model(params: Params, root: Path) -> dict:
         "data_version": data_version(root, params.data.images_root),
         "params_hash": params.digest(),
         "label_column": params.data.label_column,
+        "label_mode": config.get("label_mode", "single"),  # what the gate needs to compare two versions
+        "label_separator": config.get("label_separator", ""),
         "image_encoder": config["encoders"]["image"]["id"],
         "image_encoder_weights_sha256": config["encoders"]["image"]["weights_sha256"],
         "text_encoder": config["encoders"]["text"]["id"],
@@ -323,6 +325,21 @@ def _record(client, name: str, version: str, tags: dict) -> None:
         client.set_model_version_tag(name, version, key, str(value))
 
 
+def _same_label_mode(client, name: str, versions: dict[str, str], params: Params) -> None:
+    """The gate compares label cells as params.yaml's data.label_mode reads them: both versions must predict that
+    kind of label (a version registered before the tag existed is single-label)."""
+    wanted = (params.data.label_mode, params.data.separator or "")
+    for role, number in versions.items():
+        tags = client.get_model_version(name, number).tags
+        mode = (tags.get("label_mode", "single"), tags.get("label_separator", ""))
+        if mode != wanted:
+            raise UserError(
+                f"{role} version {number} of {name} predicts {mode[0]}-label"
+                f"{f' (tags joined by {mode[1]!r})' if mode[1] else ''} labels, but params.yaml has data.label_mode: "
+                f"{wanted[0]}{f' (separator {wanted[1]!r})' if wanted[1] else ''}: the gate cannot compare them; "
+                "aliases unchanged (move them with MLflow if you mean to switch)")
+
+
 def promote(params: Params) -> dict:
     """Move `champion` to the challenger only if the gate finds it significantly better on the frozen test items.
 
@@ -356,6 +373,7 @@ def promote(params: Params) -> dict:
         return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
                 "reason": "there was no champion"}
 
+    _same_label_mode(client, name, {"champion": champion, "challenger": challenger}, params)
     y, frame = _test_items(params)
     predictions = {}
     for role, number in (("champion", champion), ("challenger", challenger)):

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.progress import TextColumn
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score
 
 from fusionops.atomic import atomic_dir, atomic_path, write_json
 from fusionops.calibration import fit_temperature
@@ -29,7 +29,7 @@ from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError
 from fusionops.explain import write_neighbours
 from fusionops.features import FeatureSet
-from fusionops.labels import LabelTask, known_labels, tune_thresholds
+from fusionops.labels import LabelTask, known_labels, macro_f1, tune_thresholds
 from fusionops.models import create_head, save_model
 from fusionops.progress import progress_bar
 
@@ -55,7 +55,8 @@ def split_data(prepared: pd.DataFrame, features: FeatureSet, task: LabelTask, sp
     return SplitData(
         image=torch.from_numpy(features.image[mask]),
         text=torch.from_numpy(features.text[mask]),
-        y=task.targets(prepared.loc[mask, "label"], what=f"items of the {split} split"),
+        y=task.targets(prepared.loc[mask, "label"], what=f"items of the {split} split",
+                       ids=prepared.loc[mask, "item_id"].tolist()),
         item_ids=prepared.loc[mask, "item_id"].tolist(),
     )
 
@@ -203,7 +204,7 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
                                 modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
             val_pred = task.decide_logits(predict_logits(model, val.image, val.text, device=device))
             val_y = val.y.numpy().astype(val_pred.dtype)  # multi-label: both 0/1 matrices
-            f1 = float(f1_score(val_y, val_pred, average="macro", zero_division=0))
+            f1 = macro_f1(val_y, val_pred)
             acc = float(accuracy_score(val_y, val_pred))  # multi-label: the share of items with every tag right
             history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": acc, "val_macro_f1": f1,
                             "lr": optimizer.param_groups[0]["lr"]})
@@ -230,9 +231,9 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
     return model.cpu().eval(), pd.DataFrame(history), best
 
 
-def _run_key(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams) -> str:
-    """What a checkpoint belongs to: the data, its vectors and every training parameter."""
-    h = hashlib.sha256()
+def _run_key(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, separator: str | None) -> str:
+    """What a checkpoint belongs to: the data, its vectors, the label mode and every training parameter."""
+    h = hashlib.sha256(f"labels {separator!r}".encode())
     h.update(pd.util.hash_pandas_object(prepared[["item_id", "label", "split"]], index=False).to_numpy().tobytes())
     h.update(features.image.tobytes())
     h.update(features.text.tobytes())
@@ -272,7 +273,7 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, 
     labels = task.labels
     train_data = split_data(prepared, features, task, "train")
     val_data = split_data(prepared, features, task, "val")
-    checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params)
+    checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params, separator)
     histories, summary, train_seconds = {}, {}, {}
     for variant, modalities in VARIANTS.items():
         started = time.perf_counter()

@@ -103,3 +103,20 @@ def test_gate_compares_tag_sets_tag_by_tag():
     assert by_tag["red"]["champion_f1"] == 0 and by_tag["red"]["challenger_f1"] == 1
     backwards = compare(y, challenger, champion, PromoteParams(n_resamples=200), separator="|")
     assert not backwards.promote and "'red'" in backwards.reason  # the per-tag guard
+    # A tag no test item has still makes an item wrong: "cat|bird" is not "cat".
+    spurious = compare(y, challenger, [f"{c}|bird" for c in challenger], PromoteParams(n_resamples=200), separator="|")
+    assert spurious.challenger["accuracy"] == 0.0 and not spurious.promote
+    assert {r["label"] for r in spurious.class_drops} == {"cat", "dog", "red"}
+
+
+def test_macro_f1_averages_the_tags_that_occur():
+    from fusionops.labels import macro_f1
+
+    y = np.array([[1, 0, 0], [0, 1, 0]])
+    assert macro_f1(y, y.copy()) == 1.0  # the third tag, absent on both sides, does not count as 0
+    assert macro_f1(np.array([0, 1]), np.array([0, 1])) == 1.0
+
+
+def test_unknown_labels_name_their_rows():
+    with pytest.raises(DataError, match=r"rows 'b'"):
+        TAGS.targets(pd.Series(["cat", "bird|cat"]), ids=["a", "b"])

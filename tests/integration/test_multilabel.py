@@ -129,3 +129,21 @@ def test_cli_predictions_and_the_gate_speak_tags(tagged):
     assert f"test items: {int((prepared['split'] == 'test').sum())}" in report
     for tag in labels:  # the per-class guard runs per tag
         assert f"| {tag} |" in report
+
+
+def test_the_gate_refuses_versions_of_another_label_mode(tagged):
+    """A version registered as single-label cannot be compared on tag lists: a clear error, aliases untouched."""
+    from mlflow import MlflowClient
+
+    from fusionops.config import load_params
+    from fusionops.errors import UserError
+    from fusionops.registry import promote
+
+    params = load_params(tagged / "params.yaml")
+    client = MlflowClient(tracking_uri=params.registry.tracking_uri)
+    assert client.get_model_version(MODEL_NAME, "2").tags["label_mode"] == "multi"
+    client.set_registered_model_alias(MODEL_NAME, "champion", "1")
+    client.set_model_version_tag(MODEL_NAME, "2", "label_mode", "single")
+    with pytest.raises(UserError, match="challenger version 2 .* single-label"):
+        promote(params)
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"

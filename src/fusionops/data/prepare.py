@@ -79,9 +79,8 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     # (Multi-label: the rows whose every tag is too rare; the others only lose their rare tags.)
     rare = rare_labels(df, split, data.separator)
     kept = set(without_rare(df, rare, data.separator)["item_id"])
-    rejected += [Problem(str(i), "label", f"label {label!r}: fewer than split.min_groups_per_label="
-                         f"{split.min_groups_per_label} groups ({', '.join(f'{t!r}: {rare[t]}' for t in tags)}): "
-                         "not trained on",
+    rejected += [Problem(str(i), "label", f"{', '.join(f'label {t!r} has {rare[t]} group(s)' for t in tags)}, fewer "
+                         f"than split.min_groups_per_label={split.min_groups_per_label}: not trained on",
                          "add items of this label (other groups), or lower split.min_groups_per_label")
                  for i, label in zip(df["item_id"], df["label"], strict=True) if i not in kept
                  for tags in [[t for t in split_tags(label, data.separator) if t in rare.index]]]

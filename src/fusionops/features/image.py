@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -91,6 +91,7 @@ class ImageEncoder:
     dim: int
     weights_sha256: str
     _low_precision: dict = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -99,12 +100,13 @@ class ImageEncoder:
 
     def model_for(self, dtype: torch.dtype | None) -> torch.nn.Module:
         """The backbone to run under autocast(dtype): the model itself in fp32; for bf16/fp16 a copy whose
-        depthwise kernels are rounded to dtype keeping their sums (`sum_preserving_round`)."""
+        depthwise kernels are rounded to dtype keeping their sums (`sum_preserving_round`), loaded once."""
         if dtype is None:
             return self.model
-        if dtype not in self._low_precision:
-            self._low_precision[dtype] = low_precision_copy(self.model, dtype)
-        return self._low_precision[dtype]
+        with self._lock:  # one copy per dtype, also when two threads of a server ask at once
+            if dtype not in self._low_precision:
+                self._low_precision[dtype] = round_depthwise_(self.load(), dtype)  # no fp32 model kept beside it
+            return self._low_precision[dtype]
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> the model's input, with the same operations as ToTensor + Normalize (same floats)."""
@@ -135,9 +137,8 @@ def sum_preserving_round(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return rounded.to(weight.dtype).view_as(weight)
 
 
-def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `model` whose depthwise convolutions hold `sum_preserving_round` weights."""
-    model = copy.deepcopy(model)
+def round_depthwise_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its depthwise convolutions' weights replaced by their `sum_preserving_round` (in place)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d) and module.groups > 1:
