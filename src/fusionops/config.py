@@ -102,7 +102,7 @@ class FeaturesParams(Section):
 class TrainParams(Section):
     out_dir: Path = Path("models")
     history: Path = Field(Path("reports/train_history"), description="folder: one CSV of epochs per variant")
-    head: str = Field("gated", description="concat | gated | attention (the last two learn per-item modality "
+    head: str = Field("concat", description="concat | gated | attention (the last two learn per-item modality "
                                             "weights, shown by `fusionops explain`)")
     modality_dropout: float = Field(0.5, ge=0, lt=1, description="share of training items that lose one modality")
     proj_dim: int = Field(256, ge=1)
