@@ -43,7 +43,7 @@ from fusionops.atomic import atomic_path, write_json
 from fusionops.config import ImageEncoderParams
 from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
-from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
+from fusionops.features.image import ImageEncoder, Pixels, build_image_encoder
 from fusionops.labels import LabelTask, macro_f1
 from fusionops.progress import progress_bar
 from fusionops.train import training_labels
@@ -183,18 +183,21 @@ class _Images(torch.utils.data.Dataset):
     """(uint8 pixels, target: a class index, or a 0/1 row of tags): the features stage's decoding and eval
     preprocessing."""
 
-    def __init__(self, paths: list[Path], labels: torch.Tensor, encoder: ImageEncoder):
-        self.paths, self.labels, self.encoder = paths, labels, encoder
+    def __init__(self, paths: list[Path], labels: torch.Tensor, pixels: Pixels):
+        self.paths, self.labels, self.pixels = paths, labels, pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            image = load_rgb(self.paths[i], self.encoder.background)
+            return self.pixels.one(self.paths[i]), self.labels[i]
         except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise DataError(f"cannot read image {self.paths[i]} ({err}): run `fusionops validate`") from None
-        return self.encoder.pixels(image), self.labels[i]
+
+    def collate(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = zip(*items, strict=True)
+        return self.pixels.batch(images), torch.stack(labels)
 
 
 def _split(prepared: pd.DataFrame, images_root: Path,
@@ -221,7 +224,7 @@ def _split(prepared: pd.DataFrame, images_root: Path,
 
 def _to_input(encoder: ImageEncoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     batch = pixels.to(device, non_blocking=True)
-    return encoder.normalize(batch).contiguous(memory_format=torch.channels_last)
+    return encoder.normalize(batch)
 
 
 @torch.inference_mode()
@@ -345,7 +348,7 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
     original, base_path = _original_state(image_params)
 
     backbone = encoder.load().eval()
-    input_size = tuple(encoder.pixels(load_rgb(data["train"][0][0], encoder.background)).shape)
+    input_size = tuple(encoder.pixels([data["train"][0][0]]).shape[1:])
     stage = last_stage(backbone, input_size)
     trainable = set(stage.parameters)
     missing = [k for k in backbone.state_dict() if k not in original]
@@ -362,12 +365,14 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
     generator = torch.Generator().manual_seed(seed)
 
     def loader(split: str, shuffle: bool) -> torch.utils.data.DataLoader:
+        images = _Images(*data[split], encoder.pixels)
         return torch.utils.data.DataLoader(
-            _Images(*data[split], encoder), batch_size=batch_size, shuffle=shuffle, generator=generator,
+            images, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=images.collate,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=device_.type == "cuda")
 
     train_loader, val_loader = loader("train", True), loader("val", False)
-    plain = torch.utils.data.DataLoader(_Images(*data["train"], encoder), batch_size=batch_size,
+    plain_images = _Images(*data["train"], encoder.pixels)
+    plain = torch.utils.data.DataLoader(plain_images, batch_size=batch_size, collate_fn=plain_images.collate,
                                         num_workers=workers, pin_memory=device_.type == "cuda")
     n_train, n_val = len(data["train"][1]), len(data["val"][1])
     history: list[dict] = []

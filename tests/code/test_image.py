@@ -87,6 +87,34 @@ def test_exif_orientation_is_applied():
     assert out.size == (2, 6)
 
 
+@pytest.mark.parametrize("settings", [
+    {},  # params.yaml's: bicubic to 128 px, no crop
+    {"image_size": None, "crop_pct": None},  # the model's own config: bicubic to 256 px, centre crop 224
+    {"interpolation": "bilinear", "image_size": 100, "crop_pct": 0.8},
+], ids=["demo", "model-config", "bilinear-crop"])
+def test_batch_resize_gives_the_pixels_of_pil(settings):
+    """Resize + crop of a whole batch (torch, uint8) against timm's PIL transform image by image: noise images (the
+    hardest case for rounding) of mixed sizes and aspect ratios in one batch, order kept."""
+    encoder = build_image_encoder(ImageEncoderParams(**settings))
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (61, 97), (300, 200), (128, 128), (500, 77), (64, 64), (9, 10)]
+    sources = [_png(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
+    batch = encoder.pixels(sources)
+    reference = torch.stack([encoder.pixels.transform(load_rgb(s)) for s in sources])
+    assert encoder.pixels.resizer is not None
+    assert batch.shape == reference.shape and batch.dtype == torch.uint8
+    diff = (batch.int() - reference.int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.02
+
+
+def test_interpolations_torch_lacks_stay_with_pil():
+    encoder = build_image_encoder(ImageEncoderParams(interpolation="nearest"))
+    sources = [_png(Image.new("RGB", (30, 20), (200, 10, 10))), _png(Image.new("RGB", (64, 64), (0, 0, 250)))]
+    assert encoder.pixels.resizer is None
+    reference = torch.stack([encoder.pixels.transform(load_rgb(s)) for s in sources])
+    assert torch.equal(encoder.pixels(sources), reference)
+
+
 def test_encoder_id_tracks_preprocessing(image_encoder):
     other = build_image_encoder(ImageEncoderParams(image_size=160))
     assert other.id != image_encoder.id

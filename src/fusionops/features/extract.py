@@ -20,7 +20,7 @@ from fusionops.config import FeaturesParams
 from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.features.cache import VectorCache, content_key
-from fusionops.features.image import ImageEncoder, build_image_encoder, load_rgb
+from fusionops.features.image import ImageEncoder, Pixels, build_image_encoder
 from fusionops.features.text import build_text_encoder
 from fusionops.progress import progress_bar
 
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decode + preprocess in DataLoader workers, so it overlaps with the forward pass."""
+    """Decode in DataLoader workers (when there are any), so it overlaps with the forward pass; the loader's collate
+    resizes the batch (`Pixels.batch`)."""
 
-    def __init__(self, sources: Sequence[Path | bytes | tuple[Path, str]], encoder: ImageEncoder):
-        self.sources, self.transform, self.background = sources, encoder.pixels, encoder.background
+    def __init__(self, sources: Sequence[Path | bytes | tuple[Path, str]], pixels: Pixels):
+        self.sources, self.pixels = sources, pixels
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -43,7 +44,7 @@ class _Images(torch.utils.data.Dataset):
             source = Path(path).read_bytes()
             if content_key(source) != key:
                 raise DataError(f"{path} changed while its vector was being computed: run `fusionops features` again")
-        return self.transform(load_rgb(source, self.background))
+        return self.pixels.one(source)
 
 
 def aligned_batches(n: int, batch_size: int, shard_size: int) -> list[list[int]]:
@@ -76,12 +77,13 @@ def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *
     workers = num_workers  # resolved by the caller (loader_workers) before any progress-bar thread starts
     log.debug("encoding %d images, %d decoding worker process(es)", len(sources), workers)
     loader = torch.utils.data.DataLoader(
-        _Images(sources, encoder), num_workers=workers, pin_memory=device.type == "cuda",
+        _Images(sources, encoder.pixels), num_workers=workers, pin_memory=device.type == "cuda",
         batch_sampler=aligned_batches(len(sources), batch_size, shard_size or len(sources) or 1),
+        collate_fn=encoder.pixels.batch,
     )
     with torch.inference_mode():
         for batch in loader:
-            batch = encoder.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            batch = encoder.normalize(batch.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(batch)
             yield out.float().cpu().numpy()
