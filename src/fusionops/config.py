@@ -69,9 +69,9 @@ class ImageEncoderParams(Section):
                                                 "PyPI package for tf_efficientnet_lite0, else the library's "
                                                 "local cache) or a path to a state dict")
     # Preprocessing: null takes the model's own pretrained config.
-    image_size: int | None = Field(128, ge=16)
+    image_size: int | None = Field(None, ge=16)
     interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
-    crop_pct: float | None = Field(1.0, gt=0, le=1)
+    crop_pct: float | None = Field(None, gt=0, le=1)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     background: tuple[int, int, int] = (255, 255, 255)

@@ -124,8 +124,8 @@ def test_odd_but_valid_images_and_texts_encode(zoo, params, image_encoder):
     df = read_manifest(manifest)
     df = df[df["item_id"].isin(odd)].reset_index(drop=True)
     sizes = {tuple(image_encoder.transform(load_rgb(folder / p)).shape) for p in df["image"]}
-    assert sizes == {(3, 128, 128)}  # every mode, every size: the same tensor shape
-    assert image_encoder.pixels([folder / p for p in df["image"]]).shape == (len(df), 3, 128, 128)  # in one batch
+    assert sizes == {(3, 224, 224)}  # every mode, every size: the same tensor shape
+    assert image_encoder.pixels([folder / p for p in df["image"]]).shape == (len(df), 3, 224, 224)  # in one batch
     extract_features(df, folder, params)
     fs = load_features(params.out_dir)
     assert np.isfinite(fs.image).all() and np.isfinite(fs.text).all()
