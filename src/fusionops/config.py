@@ -88,7 +88,7 @@ class FeaturesParams(Section):
     cache_dir: Path = Path(".cache/features")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader processes decoding images beside the forward pass; auto: cores - 2")
     shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
