@@ -169,11 +169,12 @@ class ImageEncoder:
     pixels: Pixels  # sources -> resized, cropped uint8 batch: what DataLoader workers produce
     mean: torch.Tensor  # (1, 3, 1, 1): normalisation done on whole batches, on the device
     std: torch.Tensor
+    input_size: tuple[int, int]  # (height, width) of what `pixels` makes
     background: tuple[int, int, int]
     id: str
     dim: int
     weights_sha256: str
-    _low_precision: dict = field(default_factory=dict, init=False, repr=False)
+    _inference: dict = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @cached_property
@@ -182,14 +183,17 @@ class ImageEncoder:
         return self.load()
 
     def model_for(self, dtype: torch.dtype | None) -> torch.nn.Module:
-        """The backbone to run under autocast(dtype): the model itself in fp32; for bf16/fp16 a copy whose
-        spatial kernels are rounded to dtype keeping their sums (`sum_preserving_round`), loaded once."""
-        if dtype is None:
-            return self.model
+        """The backbone to run under autocast(dtype), loaded once per dtype: batch norms folded into the convolutions
+        (`inference.for_inference`); for bf16/fp16 its spatial kernels rounded to dtype keeping their sums
+        (`sum_preserving_round`). `model` stays as loaded, for training and for reference."""
+        from fusionops.features.inference import for_inference
+
         with self._lock:  # one copy per dtype, also when two threads of a server ask at once
-            if dtype not in self._low_precision:
-                self._low_precision[dtype] = round_spatial_kernels_(self.load(), dtype)  # no fp32 copy kept
-            return self._low_precision[dtype]
+            if dtype not in self._inference:
+                example = torch.randn(2, 3, *self.input_size, generator=torch.Generator().manual_seed(0))
+                model = for_inference(self.load(), example)
+                self._inference[dtype] = model if dtype is None else round_spatial_kernels_(model, dtype)
+            return self._inference[dtype]
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> the model's input, channels_last: ToTensor + Normalize folded into one multiply-add (the
@@ -393,6 +397,7 @@ def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
     described["background"] = list(params.background)
     described["loader_version"] = LOADER_VERSION
     described["low_precision_weights"] = "sum-preserving-spatial-v2"  # bf16 vectors changed: new key space
+    described["inference_graph"] = "folded-batch-norms-v1"  # the vectors move by float rounding: new key space
     described["libraries"] = library_versions("torch", "torchvision", "timm", "pillow")
     return ImageEncoder(
         load=load,
@@ -400,6 +405,7 @@ def build_image_encoder(params: ImageEncoderParams) -> ImageEncoder:
         pixels=pixels,
         mean=torch.tensor(config["mean"]).view(1, 3, 1, 1),
         std=torch.tensor(config["std"]).view(1, 3, 1, 1),
+        input_size=tuple(config["input_size"][1:]),
         background=tuple(params.background),
         id=encoder_id(params.backbone, sha256_file(weights), described),
         dim=dim,
