@@ -166,6 +166,8 @@ def finetune(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     patience: Annotated[int, typer.Option(min=1, help="epochs without a better val macro-F1 before stopping")] = 3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    keep_gb: Annotated[float, typer.Option(min=0, help="memory for the frozen part's outputs: within it, the frozen "
+                                           "part runs once and each epoch only the part that trains")] = 4.0,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Fine-tune the image backbone's last stage on the train split (a GPU is recommended).
@@ -181,7 +183,7 @@ def finetune(
     check_out_path(out_path)
     params = load_params(params_path)
     r = run(_prepared(params), params.data.images_root, params.features.image, out=out_path, epochs=epochs, lr=lr,
-            batch_size=batch_size, patience=patience, device=device, separator=params.data.separator)
+            batch_size=batch_size, patience=patience, device=device, separator=params.data.separator, keep_gb=keep_gb)
     out.print(f"fine-tuned {', '.join(r['unfrozen'])} of {r['backbone']}: val macro-F1 {r['val_macro_f1_before']:.4f} "
               f"(linear probe, frozen) -> {r['val_macro_f1_after']:.4f} (best epoch {r['best_epoch']} of "
               f"{r['epochs']}; {r['seconds']:.0f} s on {r['device']}) -> {escape(_rel(out_path))}, "

@@ -55,12 +55,24 @@ def test_only_the_last_stage_changes_and_the_file_loads_as_an_encoder(tuned, ima
 
 def test_report_is_written_next_to_the_weights(tuned):
     out, report = tuned
+    assert report["frozen_part_kept"]  # a few MB: the epochs run only the last stage
     assert json.loads(ft.report_path(out).read_text()) == report
     assert 1 <= report["best_epoch"] <= report["epochs"] <= 2 and len(report["history"]) == report["epochs"]
     assert 0 <= report["val_macro_f1_before"] <= 1 and 0 <= report["val_macro_f1_after"] <= 1
     assert report["device"] == "cpu" and report["seconds"] > 0 and report["seconds_per_epoch"] > 0
     assert 0 < report["trainable_parameters"] < report["total_parameters"]
     assert report["train_items"] > 0 and report["val_items"] > 0
+
+
+def test_without_memory_for_the_frozen_part_it_runs_every_epoch(few, slice_dir, tmp_path, image_encoder):
+    out = tmp_path / "ft.safetensors"
+    report = ft.finetune(few, slice_dir, ImageEncoderParams(), out=out, epochs=1, lr=1e-3, batch_size=32,
+                         device="cpu", progress=False, keep_gb=0)
+    assert not report["frozen_part_kept"] and report["epochs"] == 1
+    after = build_image_encoder(ImageEncoderParams(weights=str(out))).load().state_dict()
+    before = image_encoder.load().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(LAST_STAGE) for k in changed)
 
 
 def test_pth_output_loads_too(tuned, tmp_path):
@@ -101,19 +113,46 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert out.read_bytes() == b"previous run" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
-def test_frozen_part_runs_without_gradients(image_encoder):
+@pytest.mark.parametrize("replay", [False, True])
+def test_frozen_part_runs_without_gradients(image_encoder, replay):
     model = image_encoder.load()
     stage = ft.last_stage(model, (3, 64, 64))
     for name, p in model.named_parameters():
         p.requires_grad_(name in set(stage.parameters))
-    seen = {}
-    model.blocks[5].register_forward_hook(lambda m, args, output: seen.setdefault("frozen", output))
-    forward = ft._GradientsFrom(model.get_submodule(stage.entry))
-    forward(model, torch.rand(2, 3, 64, 64)).sum().backward()
+    seen = []
+    model.blocks[5].register_forward_hook(lambda m, args, output: seen.append(output))
+    tail = ft._Tail(model, model.get_submodule(stage.entry), (3, 64, 64))
+    x = torch.rand(2, 3, 64, 64)
+    if replay:  # the frozen part ran once before; the step starts at the last stage
+        x = tail.capture(x)[1]
+    tail.run(x, replay=replay, grad=True).sum().backward()
     assert torch.is_grad_enabled()
-    assert seen["frozen"].grad_fn is None and not seen["frozen"].requires_grad
+    assert seen[-1].grad_fn is None and not seen[-1].requires_grad
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(LAST_STAGE))
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(LAST_STAGE))
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet18", "vit_tiny_patch16_224",
+                                      "torchvision:mobilenet_v3_small"])
+def test_starting_at_the_last_stage_gives_the_whole_forward(backbone):
+    """What the epochs train on (the kept inputs of the last stage, replayed) is what the whole model computes."""
+    import torchvision
+
+    torch.manual_seed(0)
+    if backbone.startswith("torchvision:"):
+        model = torchvision.models.get_model(backbone.split(":")[1], weights=None)
+        _drop_classifier(model)
+    else:
+        model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    model.eval()
+    stage = ft.last_stage(model, (3, 224, 224))
+    tail = ft._Tail(model, model.get_submodule(stage.entry), (3, 224, 224))
+    x = torch.randn(3, 3, 224, 224)
+    out, entry_input = tail.capture(x)
+    assert entry_input is not None and entry_input.shape[0] == 3
+    assert ft._replays(tail, x, out, entry_input)
+    torch.testing.assert_close(tail.run(entry_input, replay=True), out)
+    assert not ft._replays(tail, x, out, entry_input.flip(0))  # another item's input: another output
 
 
 # timm_group: the rule picks exactly timm's last group_matcher(coarse=True) group (timm leaves some head norms and
