@@ -182,14 +182,15 @@ class _Tail:
         return None
 
     def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the model's output, the entry's input; None if the forward called the entry more than once)."""
+        """(the model's output, the entry's input; None if the forward called the entry more than once, or its
+        input is not one tensor)."""
         self.seen = []
         try:
             with torch.no_grad():
                 out = self.model(x)
         finally:
             seen, self.seen = self.seen, None
-        return out, seen[0] if len(seen) == 1 else None
+        return out, seen[0] if len(seen) == 1 and isinstance(seen[0], torch.Tensor) else None
 
     def run(self, x: torch.Tensor, *, replay: bool, grad: bool = False) -> torch.Tensor:
         self.grad, self.feed = grad, x if replay else None
@@ -271,26 +272,49 @@ def _replays(tail: _Tail, x: torch.Tensor, out: torch.Tensor, entry_input: torch
 
 
 def _freeze(tail: _Tail, encoder, loader, device, dtype, keep_bytes: int, on_batch) -> _Frozen:
-    """Run `loader`'s images through the whole backbone; keep the entry's inputs if they replay and fit in
-    `keep_bytes`."""
-    pooled, ys, inputs = [], [], []
-    keep = True
+    """Run `loader`'s images (in order) through the whole backbone; keep the entry's inputs if they replay and fit
+    in `keep_bytes`."""
+    pooled, ys = [], []
+    n, done, kept = len(loader.dataset), 0, None
     for pixels, y in loader:
         x = _to_input(encoder, pixels, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out, entry_input = tail.capture(x)
-            if keep and not inputs:  # the first batch decides
+            if done == 0:  # the first batch decides
                 size = 0 if entry_input is None else entry_input[0].nelement() * entry_input.element_size()
-                keep = size * len(loader.dataset) <= keep_bytes and _replays(tail, x, out, entry_input)
-                if not keep:
-                    log.info("the frozen part runs in every epoch (its outputs would take %.1f GB, %s)",
-                             size * len(loader.dataset) / 1e9, "too much" if size else "not replayable")
+                if 0 < size * n <= keep_bytes and _replays(tail, x, out, entry_input):
+                    kept = torch.empty((n, *entry_input.shape[1:]), dtype=entry_input.dtype)
+                else:
+                    log.info("the frozen part runs in every epoch (its outputs would take %.2f GB, %s)", size * n / 1e9,
+                             "more than --keep-gb" if size else "not replayable")
+        if kept is not None and entry_input is not None and entry_input.shape[1:] == kept.shape[1:]:
+            kept[done:done + len(y)] = entry_input
+        elif kept is not None:
+            log.info("the frozen part runs in every epoch (the last stage's input changed at item %d)", done)
+            kept = None
         pooled.append(out.float().cpu())
         ys.append(y)
-        if keep:
-            inputs.append(entry_input.cpu())
+        done += len(y)
         on_batch(len(y))
-    return _Frozen(torch.cat(pooled), torch.cat(ys), torch.cat(inputs) if keep else None)
+    return _Frozen(torch.cat(pooled), torch.cat(ys), kept)
+
+
+class _Order(torch.utils.data.Sampler):
+    """An epoch's batches of item indices, read alike by the images' DataLoader and by the kept entry inputs: a seed
+    gives the same batches whichever is fed. In item order until `shuffle`."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size = n, batch_size
+        self.batches = list(torch.arange(n).split(batch_size))
+
+    def shuffle(self, generator: torch.Generator) -> None:
+        self.batches = list(torch.randperm(self.n, generator=generator).split(self.batch_size))
+
+    def __iter__(self):
+        return (batch.tolist() for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _macro_f1(task: LabelTask, y: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
@@ -327,14 +351,13 @@ def fit_probe(train_x, train_y, val_x, val_y, task: LabelTask, *, seed: int = 0,
     return probe, best[0], best[1]
 
 
-def _batches(frozen: _Frozen, loader, encoder, *, batch_size: int, device, generator=None):
-    """(input, targets, replay) per batch: the kept entry inputs (shuffled with `generator`), else images."""
+def _batches(frozen: _Frozen, loader, order: _Order, encoder, device):
+    """(input, targets, replay) per batch of `order`: the kept entry inputs, else the images from `loader`."""
     if frozen.entry_inputs is None:
         for pixels, y in loader:
             yield _to_input(encoder, pixels, device), y.to(device, non_blocking=True), False
         return
-    order = torch.randperm(len(frozen.y), generator=generator) if generator else torch.arange(len(frozen.y))
-    for idx in order.split(batch_size):
+    for idx in order.batches:
         yield (frozen.entry_inputs[idx].to(device, non_blocking=True), frozen.y[idx].to(device, non_blocking=True),
                True)
 
@@ -431,11 +454,11 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
     workers = loader_workers("auto")  # resolved before the progress bar starts its thread
     generator = torch.Generator().manual_seed(seed)
 
-    def loader(split: str, shuffle: bool) -> torch.utils.data.DataLoader:
-        images = _Images(*data[split], encoder.pixels)
-        return torch.utils.data.DataLoader(
-            images, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=images.collate,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=device_.type == "cuda")
+    orders = {split: _Order(len(data[split][1]), batch_size) for split in ("train", "val")}
+    loaders = {split: torch.utils.data.DataLoader(
+        images, batch_sampler=orders[split], collate_fn=images.collate, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device_.type == "cuda")
+        for split, images in ((s, _Images(*data[s], encoder.pixels)) for s in ("train", "val"))}
 
     n_train, n_val = len(data["train"][1]), len(data["val"][1])
     history: list[dict] = []
@@ -444,8 +467,8 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
         task = bar.add_task("frozen part (probe)", total=n_train + n_val, loss=float("nan"), f1=float("nan"))
         step = lambda n: bar.advance(task, n)  # noqa: E731
         share = {"train": n_train / (n_train + n_val), "val": n_val / (n_train + n_val)}
-        frozen = {split: _freeze(tail, encoder, loader(split, False), device_, dtype, int(keep_gb * 1e9 * share[split]),
-                                 step) for split in ("train", "val")}
+        frozen = {split: _freeze(tail, encoder, loaders[split], device_, dtype, int(keep_gb * 1e9 * share[split]), step)
+                  for split in ("train", "val")}
         head, f1_before, acc_before = fit_probe(frozen["train"].pooled, frozen["train"].y, frozen["val"].pooled,
                                                 frozen["val"].y, label_task, seed=seed)
         bar.update(task, f1=f1_before)
@@ -462,11 +485,11 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
             t0 = time.perf_counter()
             task = bar.add_task(f"epoch {epoch}/{epochs}", total=n_train + n_val, loss=float("nan"), f1=float("nan"))
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-            train = _batches(frozen["train"], loader("train", True), encoder, batch_size=batch_size,
-                             device=device_, generator=generator)
+            orders["train"].shuffle(generator)
+            train = _batches(frozen["train"], loaders["train"], orders["train"], encoder, device_)
             loss = _train_epoch(tail, head, train, optimizer, scaler, loss_fn, device=device_, dtype=dtype,
                                 on_batch=step)
-            val = _batches(frozen["val"], loader("val", False), encoder, batch_size=batch_size, device=device_)
+            val = _batches(frozen["val"], loaders["val"], orders["val"], encoder, device_)
             f1, acc = _evaluate(tail, head, val, label_task, device=device_, dtype=dtype, on_batch=step)
             bar.update(task, loss=loss, f1=f1)
             seconds = round(time.perf_counter() - t0, 2)

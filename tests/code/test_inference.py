@@ -75,3 +75,35 @@ def test_a_graph_folding_would_change_is_used_as_it_is(caplog):
     with caplog.at_level(logging.WARNING, logger="fusionops.features.inference"):
         assert for_inference(model, torch.randn(2, 3, 16, 16)) is model
     assert "running it as it is" in caplog.text
+
+
+class _SharedWeights(nn.Module):
+    """One convolution and its batch norm applied twice: folding the pair would scale the second use twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.other, self.other_norm = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.other_norm(self.other(self.norm(self.conv(self.norm(self.conv(x))))))
+
+
+def test_shared_weights_are_left_alone_and_the_rest_folds():
+    model = _randomise_norms(_SharedWeights())
+    fast = for_inference(model, torch.randn(2, 3, 16, 16))
+    assert fast is not model and isinstance(fast.norm, nn.BatchNorm2d) and isinstance(fast.other_norm, nn.Identity)
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _SlightlyShared(_SharedOutput):
+    def forward(self, x):
+        y = self.conv(x)
+        return self.norm(y) + 1e-3 * y  # small, and still more than rounding: folding would be wrong
+
+
+def test_a_small_difference_is_not_taken_for_rounding():
+    model = _randomise_norms(_SlightlyShared())
+    assert for_inference(model, torch.randn(2, 3, 16, 16)) is model
