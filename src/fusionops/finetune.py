@@ -390,15 +390,12 @@ def _evaluate(tail: _Tail, head, batches, task: LabelTask, *, device, dtype, on_
 
 # ----------------------------------------------------------------------------------------------------------- output
 
-def _original_state(image_params: ImageEncoderParams) -> tuple[dict[str, torch.Tensor], Path]:
-    """The full state dict of the current weights file, in the model's own key layout (what load() accepts)."""
-    from fusionops.features.image import _load_state, _weights_file, rename_lite0_keys
+def _original_state(image_params: ImageEncoderParams, backbone: torch.nn.Module) -> tuple[dict, Path]:
+    """The full state dict of the current weights file, in the backbone's own key layout (what load() accepts)."""
+    from fusionops.features.image import _weights_file, timm_state
 
     path = _weights_file(image_params)
-    state = _load_state(path)
-    if any(k.startswith("_blocks.") for k in state):  # the weights package's EfficientNet-PyTorch layout
-        state = rename_lite0_keys(state)
-    return state, path
+    return timm_state(path, image_params.backbone, backbone), path
 
 
 def _save_weights(out: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -435,9 +432,8 @@ def finetune(prepared: pd.DataFrame, images_root: Path | str, image_params: Imag
     device_ = resolve_device(device)
     dtype = autocast_dtype(device_)
     encoder = build_image_encoder(image_params)
-    original, base_path = _original_state(image_params)
-
     backbone = encoder.load().eval()
+    original, base_path = _original_state(image_params, backbone)
     input_size = tuple(encoder.pixels([data["train"][0][0]]).shape[1:])
     stage = last_stage(backbone, input_size)
     trainable = set(stage.parameters)

