@@ -6,8 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# The venv is rebuilt only when pyproject.toml changes (the stamp carries its hash).
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# The venv is reinstalled only when pyproject.toml or requirements.lock changes (the stamp carries their hash).
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
 # Offline: no telemetry lookups, no hub downloads.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -18,17 +18,24 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install data demo test lint clean platform-up platform-status platform-down
+.PHONY: help install lock data demo test lint clean platform-up platform-status platform-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP) ## create .venv and install fusionops with its dev tools
+install: $(STAMP) ## create .venv and install fusionops with its dev tools, at the versions of requirements.lock
+
+lock: install ## upgrade .venv to the newest versions pyproject.toml allows and write them to requirements.lock
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	{ sed -n '/^#/p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
+	@rm -f $(VENV)/.installed-* && touch $(VENV)/.installed-$$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
+	@echo "requirements.lock updated: run dvc repro, then commit requirements.lock and dvc.lock"
 
 data/raw/manifest.csv: | $(STAMP)
 	@# The raw data is the project's copy of the demo dataset, versioned by DVC (data/raw.dvc).
