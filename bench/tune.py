@@ -1,0 +1,68 @@
+"""The fusion head's settings, one change at a time from params.yaml, chosen on validation and scored on test.
+
+    python bench/tune.py [--json] [--seeds 0 1 2] [--set dropout=0.5 --set lr=1e-3 ...] [--params params.yaml]
+
+Needs `dvc repro` to have run (the prepared manifest and the cached vectors). Each row trains the head of params.yaml
+with one `train` setting changed, once per seed, and reports the means of validation and test accuracy / macro-F1:
+pick by validation (what `fusionops train` early-stops on), read test only to see whether the choice generalises.
+Without --set, a default sweep around the common knobs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import yaml
+from _cli import parser as bench_parser
+from _cli import report
+
+from fusionops.config import load_params
+from fusionops.data.manifest import read_manifest
+from fusionops.evaluate import scores
+from fusionops.features import load_features
+from fusionops.labels import LabelTask
+from fusionops.train import calibrate, fit, predict_logits, split_data, training_labels
+
+SWEEP = ["proj_dim=512", "hidden_dim=1024", "dropout=0.1", "dropout=0.5", "label_smoothing=0.0", "lr=1e-3",
+         "lr=1e-4", "modality_dropout=0.3", "weight_decay=0.1", "head=gated"]
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", dest="changes", metavar="KEY=VALUE",
+                        help="a train setting to try (repeatable); each is one row")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    prepared = read_manifest(params.data.prepared)
+    features = load_features(params.features.out_dir)
+    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    data = {s: split_data(prepared, features, task, s) for s in ("train", "val", "test")}
+
+    def row(change: dict) -> dict:
+        runs: dict[str, list] = {"val": [], "test": []}
+        for seed in args.seeds:
+            settings = type(params.train).model_validate({**params.train.model_dump(), **change, "seed": seed})
+            model, _, _ = fit(data["train"], data["val"], task, settings, modalities=("image", "text"),
+                              name=f"{change or 'params.yaml'} seed {seed}")
+            temperature, decides = calibrate(model, data["val"], task)
+            for split in runs:
+                logits = predict_logits(model, data[split].image, data[split].text)
+                runs[split].append(scores(data[split].y.numpy(), decides.decide_logits(logits, temperature)))
+        return {split: {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("accuracy", "macro_f1")}
+                for split, rows in runs.items()}
+
+    result: dict = {"label_column": params.data.label_column, "seeds": args.seeds, "params.yaml": row({})}
+    for change in args.changes or SWEEP:
+        key, _, value = change.partition("=")
+        known = type(params.train).model_fields
+        if key not in known or key == "seed":
+            parser.error(f"--set {change}: {key!r} is not a train setting ({', '.join(known)}; seeds: --seeds)")
+        result[change] = row({key: yaml.safe_load(value)})
+    best = max((k for k in result if isinstance(result[k], dict)), key=lambda k: result[k]["val"]["macro_f1"])
+    result["best_on_val"] = best
+    report(result, json_only=args.json)
+
+
+if __name__ == "__main__":
+    main()
