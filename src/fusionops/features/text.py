@@ -62,10 +62,11 @@ def models_dir() -> Path:
 
 def _package_file(package: str, suffix: str) -> Path:
     """The installed file of `package` whose name ends with `suffix`."""
-    files = [f for f in (distribution(package).files or []) if f.name.endswith(suffix)]
+    dist = distribution(package)
+    files = [f for f in (dist.files or []) if f.name.endswith(suffix)]
     if not files:
         raise UserError(f"the package {package} holds no *{suffix} file: pip install --force-reinstall {package}")
-    return Path(distribution(package).locate_file(files[0]))
+    return Path(dist.locate_file(files[0]))
 
 
 def unpack_split_zip(parts: list[Path], folder: str, files: dict[str, str], target: Path) -> Path:
