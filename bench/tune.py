@@ -14,12 +14,14 @@ import numpy as np
 import yaml
 from _cli import parser as bench_parser
 from _cli import report
+from pydantic import ValidationError
 
 from fusionops.config import load_params
 from fusionops.data.manifest import read_manifest
 from fusionops.evaluate import scores
 from fusionops.features import load_features
 from fusionops.labels import LabelTask
+from fusionops.models import HEADS
 from fusionops.train import calibrate, fit, predict_logits, split_data, training_labels
 
 SWEEP = ["proj_dim=512", "hidden_dim=1024", "dropout=0.1", "dropout=0.5", "label_smoothing=0.0", "lr=1e-3",
@@ -39,11 +41,26 @@ def main() -> None:
     task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
     data = {s: split_data(prepared, features, task, s) for s in ("train", "val", "test")}
 
+    def settings(change: dict, seed: int):
+        return type(params.train).model_validate({**params.train.model_dump(), **change, "seed": seed})
+
+    changes = {}
+    for text in args.changes or SWEEP:  # every change checked before anything trains
+        key, _, value = text.partition("=")
+        if key not in type(params.train).model_fields or key == "seed" or not value:
+            parser.error(f"--set {text}: give KEY=VALUE, KEY one of {', '.join(type(params.train).model_fields)} "
+                         "(seeds: --seeds)")
+        changes[text] = {key: yaml.safe_load(value)}
+        try:
+            if settings(changes[text], 0).head not in HEADS:
+                parser.error(f"--set {text}: known heads: {', '.join(sorted(HEADS))}")
+        except ValidationError as err:
+            parser.error(f"--set {text}: {err.errors()[0]['msg']}")
+
     def row(change: dict) -> dict:
         runs: dict[str, list] = {"val": [], "test": []}
         for seed in args.seeds:
-            settings = type(params.train).model_validate({**params.train.model_dump(), **change, "seed": seed})
-            model, _, _ = fit(data["train"], data["val"], task, settings, modalities=("image", "text"),
+            model, _, _ = fit(data["train"], data["val"], task, settings(change, seed), modalities=("image", "text"),
                               name=f"{change or 'params.yaml'} seed {seed}")
             temperature, decides = calibrate(model, data["val"], task)
             for split in runs:
@@ -53,12 +70,8 @@ def main() -> None:
                 for split, rows in runs.items()}
 
     result: dict = {"label_column": params.data.label_column, "seeds": args.seeds, "params.yaml": row({})}
-    for change in args.changes or SWEEP:
-        key, _, value = change.partition("=")
-        known = type(params.train).model_fields
-        if key not in known or key == "seed":
-            parser.error(f"--set {change}: {key!r} is not a train setting ({', '.join(known)}; seeds: --seeds)")
-        result[change] = row({key: yaml.safe_load(value)})
+    for text, change in changes.items():
+        result[text] = row(change)
     best = max((k for k in result if isinstance(result[k], dict)), key=lambda k: result[k]["val"]["macro_f1"])
     result["best_on_val"] = best
     report(result, json_only=args.json)

