@@ -15,6 +15,22 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def trained_on(params_path: Path):
+    """What `dvc repro` left for the benches that train heads: the params, the prepared manifest, its cached vectors
+    and the label task."""
+    from fusionops.config import load_params
+    from fusionops.data.manifest import read_manifest
+    from fusionops.features import load_features
+    from fusionops.labels import LabelTask
+    from fusionops.train import training_labels
+
+    params = load_params(params_path)
+    prepared = read_manifest(params.data.prepared)
+    features = load_features(params.features.out_dir)
+    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    return params, prepared, features, task
+
+
 def report(result: dict, *, json_only: bool) -> None:
     """One line per figure unless --json, then the result as one JSON object: always the last line."""
     if not json_only:

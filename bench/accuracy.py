@@ -13,14 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from _cli import parser as bench_parser
-from _cli import report
+from _cli import report, trained_on
 
-from fusionops.config import load_params
-from fusionops.data.manifest import read_manifest
 from fusionops.evaluate import scores
-from fusionops.features import load_features
-from fusionops.labels import LabelTask
-from fusionops.train import calibrate, fit, predict_logits, split_data, training_labels
+from fusionops.train import calibrate, fit, predict_logits, split_data
 
 SETTINGS = [("concat", 0.0), ("concat", 0.5), ("gated", 0.0), ("gated", 0.5), ("attention", 0.0), ("attention", 0.5)]
 
@@ -34,10 +30,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
 
-    params = load_params(args.params)
-    prepared = read_manifest(params.data.prepared)
-    features = load_features(params.features.out_dir)
-    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    params, prepared, features, task = trained_on(args.params)
     train, val, test = (split_data(prepared, features, task, s) for s in ("train", "val", "test"))
     y = test.y.numpy()
 

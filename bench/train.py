@@ -38,17 +38,14 @@ from pathlib import Path
 
 import torch
 from _cli import parser as bench_parser
-from _cli import report
+from _cli import report, trained_on
 
-from fusionops.config import load_params
-from fusionops.data.manifest import read_manifest
 from fusionops.device import resolve_device
-from fusionops.features import load_features
 from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
 from fusionops.labels import LabelTask
 from fusionops.models import create_head
-from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data, training_labels
+from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data
 
 
 def new_head(train_params, image_dim: int, text_dim: int, task: LabelTask, device: torch.device):
@@ -131,10 +128,7 @@ def main() -> None:
                         help="timed naive batches, extrapolated per item to the epoch (0 = the whole epoch)")
     args = parser.parse_args()
 
-    params = load_params(args.params)
-    prepared = read_manifest(params.data.prepared)
-    features = load_features(params.features.out_dir)
-    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    params, prepared, features, task = trained_on(args.params)
     train = split_data(prepared, features, task, "train")
     rows = prepared[prepared["split"] == "train"]
     root = Path(params.data.images_root)

@@ -13,16 +13,12 @@ from __future__ import annotations
 import numpy as np
 import yaml
 from _cli import parser as bench_parser
-from _cli import report
+from _cli import report, trained_on
 from pydantic import ValidationError
 
-from fusionops.config import load_params
-from fusionops.data.manifest import read_manifest
 from fusionops.evaluate import scores
-from fusionops.features import load_features
-from fusionops.labels import LabelTask
 from fusionops.models import HEADS
-from fusionops.train import calibrate, fit, predict_logits, split_data, training_labels
+from fusionops.train import calibrate, fit, predict_logits, split_data
 
 SWEEP = ["proj_dim=512", "hidden_dim=1024", "dropout=0.1", "dropout=0.5", "label_smoothing=0.0", "lr=1e-3",
          "lr=1e-4", "modality_dropout=0.3", "weight_decay=0.1", "head=gated"]
@@ -35,10 +31,7 @@ def main() -> None:
                         help="a train setting to try (repeatable); each is one row")
     args = parser.parse_args()
 
-    params = load_params(args.params)
-    prepared = read_manifest(params.data.prepared)
-    features = load_features(params.features.out_dir)
-    task = LabelTask(training_labels(prepared, params.data.separator), separator=params.data.separator)
+    params, prepared, features, task = trained_on(args.params)
     data = {s: split_data(prepared, features, task, s) for s in ("train", "val", "test")}
 
     def settings(change: dict, seed: int):
