@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fusionops.errors import UserError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -25,6 +27,8 @@ _UMASK = _current_umask()
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give the path of a file to write (a new name, or one inside it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

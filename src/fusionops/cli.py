@@ -374,6 +374,51 @@ def ingest(
         raise DataError(f"{len(bad)} of {len(batches)} batch(es) quarantined")
 
 
+cache_app = typer.Typer(help="The content-addressed feature cache: what it holds, and pruning old key spaces.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Size, entries and encoder id of every key space (* = used by the current params)."""
+    from rich.table import Table
+
+    from fusionops.features.cache import describe
+    from fusionops.features.extract import current_key_spaces
+
+    params = load_params(params_path)
+    spaces, current = describe(params.features.cache_dir), current_key_spaces(params.features)
+    table = Table("", "key space (encoder id - precision)", "dim", "entries", "shards", "MB", "created")
+    for s in spaces:
+        table.add_row("*" if s["key_space"] in current else "", s["key_space"], str(s["dim"]), str(s["entries"]),
+                      str(s["shards"]), f"{s['bytes'] / 1e6:.1f}", str(s["created"]))
+    Console(width=160).print(table)
+    total = sum(s["bytes"] for s in spaces) / 1e6
+    out.print(f"{_rel(params.features.cache_dir)}: {len(spaces)} key space(s), "
+              f"{sum(s['entries'] for s in spaces)} vectors, {total:.1f} MB")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Remove the key spaces the current params do not use (another backbone, preprocessing or precision)."""
+    from fusionops.features.cache import prune
+    from fusionops.features.extract import current_key_spaces
+
+    params = load_params(params_path)
+    removed = prune(params.features.cache_dir, current_key_spaces(params.features), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        whole = f"{r['entries']} vectors, {r['bytes'] / 1e6:.1f} MB"
+        what = whole if r["whole"] else f"{r['damaged']} damaged shard(s)"
+        out.print(f"{verb} {r['key_space']} ({what})")
+    if not removed:
+        out.print("nothing to prune: every key space is in use")
+
+
 @app.command()
 def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Check this machine: packages, weights, encoders, folders, disk, GPU, MLflow, DVC; say what to fix."""

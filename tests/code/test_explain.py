@@ -211,6 +211,14 @@ def test_cli_explains_one_item_and_a_manifest(tmp_path, folders, slice_dir, slic
     assert all(len(r["neighbours"]) == 2 and len(r["top"]) == 3 for r in rows)
     assert rows[1]["contributions"]["text"]["drop"] == 0
 
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    to_folder = _invoke(["--model", folders["concat"], "--manifest", tmp_path / "m.csv", "--images-root", slice_dir,
+                         "--out", folder], tmp_path, monkeypatch)
+    assert isinstance(to_folder.exception, UserError)  # main() prints it as one line, no traceback
+    assert "a-folder is a folder: give the path of a file to write" in str(to_folder.exception)
+    assert not list(folder.iterdir()) and not list(tmp_path.glob(".a-folder.*"))
+
 
 def test_cli_refuses_bad_rows_and_writes_nothing(tmp_path, folders, slice_dir, monkeypatch):
     from fusionops.errors import DataError

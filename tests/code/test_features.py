@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from fusionops.config import FeaturesParams, ImageEncoderParams
 from fusionops.data.manifest import read_manifest
@@ -133,7 +134,7 @@ def test_odd_but_valid_images_and_texts_encode(zoo, params, image_encoder):
     np.testing.assert_allclose(np.linalg.norm(long_text), 1.0, rtol=1e-5)  # truncated by the encoder, not refused
 
 
-def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params):
+def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params, tmp_path):
     from fusionops.features.cache import describe, prune
     from fusionops.features.extract import current_key_spaces
 
@@ -148,8 +149,28 @@ def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params
     assert current < set(spaces)
     assert [r["key_space"] for r in prune(params.cache_dir, current, dry_run=True)] == list(set(spaces) - current)
     assert len(describe(params.cache_dir)) == 3  # a dry run removes nothing
-    prune(params.cache_dir, current)
+
+    # the same through the command line, with a params.yaml whose features section is `params`
+    from typer.testing import CliRunner
+
+    from fusionops.cli import app
+
+    yaml_path = tmp_path / "params.yaml"
+    yaml_path.write_text(yaml.safe_dump({"features": params.model_dump(mode="json")}))
+    (stale,) = set(spaces) - current
+
+    def cli(*args):
+        result = CliRunner().invoke(app, ["cache", *args, "--params", str(yaml_path)], env={"COLUMNS": "250"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    info = cli("info")
+    assert all(k in info for k in spaces) and "3 key space(s)" in info
+    assert f"would remove {stale}" in cli("prune", "--dry-run")
+    assert len(describe(params.cache_dir)) == 3
+    assert f"removed {stale}" in cli("prune")
     assert {s["key_space"] for s in describe(params.cache_dir)} == current
+    assert "nothing to prune" in cli("prune")
     assert extract_features(df, slice_dir, params)["image"]["computed"] == 0  # what is in use survived
 
 
