@@ -273,12 +273,12 @@ def predict(
     import pandas as pd
 
     from fusionops.atomic import atomic_path
-    from fusionops.registry import load_pyfunc
+    from fusionops.registry import load_pyfunc, predict_frame
 
     params = _params_or_default(params_path)
     items, images = _unlabelled_items(manifest, images_root, params)
     frame = pd.DataFrame({"image": [p or "" for p in images], "text": items["text"]})
-    result = load_pyfunc(model, params).predict(frame, params={"progress": True})
+    result = predict_frame(load_pyfunc(model, params), frame, params={"progress": True})
     with atomic_path(out_path) as tmp:
         pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
                       "confidence": result["confidence"].round(4),

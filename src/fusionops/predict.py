@@ -19,6 +19,7 @@ from fusionops.labels import LabelTask
 from fusionops.models import load_model
 from fusionops.progress import progress_bar
 from fusionops.train import predict_logits
+from fusionops.validation import decode_problem
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ def _has_image(image) -> bool:
     if isinstance(image, bytes | bytearray):
         return len(image) > 0
     return isinstance(image, str) and bool(image.strip())
+
+
+def _raise_unusable_images(rows: list[int], sources: list[Path | bytes]) -> None:
+    """A DataError naming every row whose image cannot be read (a missing, damaged or non-image file)."""
+    problems = [(row, found) for row, source in zip(rows, sources, strict=True) if (found := decode_problem(source))]
+    if problems:
+        lines = "\n".join(f"  row {row}: {problem} -> {fix}" for row, (problem, fix) in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} image(s) cannot be used:\n{lines}{more}") from None
 
 
 class Predictor:
@@ -98,9 +108,13 @@ class Predictor:
         sources = [images[i] if isinstance(images[i], bytes) else Path(images[i]) for i in rows]
         with progress_bar(unit="items", disable=not progress) as bar:
             task = bar.add_task("predict", total=len(sources))
-            vectors = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
-                                    num_workers=self.num_workers, device=self.device, dtype=self.dtype,
-                                    on_batch=lambda n: bar.advance(task, n))
+            try:
+                vectors = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
+                                        num_workers=self.num_workers, device=self.device, dtype=self.dtype,
+                                        on_batch=lambda n: bar.advance(task, n))
+            except Exception:
+                _raise_unusable_images(rows, sources)
+                raise  # not the images' fault
         image[rows] = torch.from_numpy(vectors)
         rows = [i for i, ok in enumerate(has_text) if ok]
         if rows:

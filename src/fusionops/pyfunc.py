@@ -8,6 +8,8 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+COLUMNS = {"image", "image_bytes", "text"}
+
 
 class FusionModel(PythonModel):
     def load_context(self, context):
@@ -18,7 +20,16 @@ class FusionModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes). Either
-        modality may be missing (null or empty): the row is classified from the other one."""
+        modality may be missing (null or empty): the row is classified from the other one. A request the model
+        cannot use is refused with MLflow's invalid-parameter error (HTTP 400 when served), naming the rows."""
+        from mlflow.exceptions import MlflowException
+
+        from fusionops.errors import UserError
+
+        if not COLUMNS & set(model_input.columns):
+            raise MlflowException.invalid_parameter_value(
+                f"the request has none of the columns {', '.join(sorted(COLUMNS))} (columns the model's signature "
+                "does not name are dropped): send each row as {\"image\" or \"image_bytes\", \"text\"}")
         images, texts = [], []
         for row in model_input.to_dict("records"):
             data, path, text = row.get("image_bytes"), row.get("image"), row.get("text")
@@ -30,7 +41,9 @@ class FusionModel(PythonModel):
                 images.append(None)
             texts.append(text if isinstance(text, str) else None)
         progress = bool((params or {}).get("progress", False))
-        return self.predictor.predict(images, texts, progress=progress)
-
+        try:
+            return self.predictor.predict(images, texts, progress=progress)
+        except UserError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from None
 
 mlflow.models.set_model(FusionModel())

