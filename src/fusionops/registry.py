@@ -249,6 +249,12 @@ def load_pyfunc(model_uri: str, params: Params):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    uri = tracking_uri(params)
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if model_uri.startswith(("models:/", "runs:/")) and store is not None and not store.is_file():
+        raise UserError(f"no MLflow store here: {store.resolve()} does not exist, so {model_uri} cannot be found. "
+                        "Run from the project folder (where params.yaml is), give --params, or set "
+                        "MLFLOW_TRACKING_URI to the store that holds the model")
     _client(params)
     try:
         return mlflow.pyfunc.load_model(model_uri)

@@ -1,5 +1,6 @@
 """Explanations: top classes, modality contributions and weights, nearest training items, the `explain` command."""
 
+import contextlib
 import json
 import logging
 import os
@@ -169,6 +170,10 @@ def test_an_unknown_model_is_a_clear_error(tmp_path):
         load_predictor(str(tmp_path / "nope"), Params())
     with pytest.raises(UserError, match="holds no trained model"):
         load_predictor(str(tmp_path), Params())
+    # A registry URI outside any project (no params.yaml, no MLFLOW_TRACKING_URI): said, and no store is created.
+    with contextlib.chdir(tmp_path), pytest.raises(UserError, match="no MLflow store here: .*mlflow.db does not exist"):
+        load_predictor("models:/fusionops-emoji@champion", Params())
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def _run(args, cwd):
