@@ -97,9 +97,9 @@ def validate(
         if images_root is None:
             raise UserError("--manifest needs --images-root (the folder its image paths are relative to)")
         df, root = to_canonical(read_manifest(manifest), params.data, source=manifest), images_root
-    known = _known_labels(params) if mode == "batch" else None
+    known_labels, known_ids = _current_labels_and_ids(params) if mode == "batch" else (None, None)
     report = run(df, root, mode=mode, min_train_items_per_label=params.validate_.min_train_items_per_label,
-                 known_labels=known, max_pixels=params.validate_.max_image_pixels,
+                 known_labels=known_labels, known_ids=known_ids, max_pixels=params.validate_.max_image_pixels,
                  split=params.split if manifest is not None else None, separator=params.data.separator)
     if report_path:
         write_report(report, report_path)
@@ -108,14 +108,15 @@ def validate(
     out.print(report.summary())
 
 
-def _known_labels(params: Params) -> set[str]:
-    """The labels of the current (raw) dataset: the labels a batch may use."""
+def _current_labels_and_ids(params: Params) -> tuple[set[str], set[str]]:
+    """The labels and ids of the current (raw) dataset: the labels a batch may use, the ids it may not."""
     from fusionops.ingest import current_dataset
     from fusionops.labels import known_labels
 
     if not Path(params.data.manifest).is_file():
         raise UserError(f"batch mode compares with the current dataset, but {params.data.manifest} does not exist")
-    return known_labels(current_dataset(params), params.data.separator)
+    dataset = current_dataset(params)
+    return known_labels(dataset, params.data.separator), set(dataset["item_id"].astype(str))
 
 
 @app.command()

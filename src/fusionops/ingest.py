@@ -94,12 +94,10 @@ def check_batch(batch: Batch, params: Params, dataset: pd.DataFrame) -> Report:
         return report
     rows = to_canonical(batch.rows, params.data, source=batch.manifest)
     report = validate(rows, batch.folder, mode="batch", known_labels=known_labels(dataset, params.data.separator),
-                      max_pixels=params.validate_.max_image_pixels, separator=params.data.separator)
+                      known_ids=set(dataset["item_id"].astype(str)), max_pixels=params.validate_.max_image_pixels,
+                      separator=params.data.separator)
     if rows.empty:
         report.problems.append(Problem(None, "manifest", "the batch has no rows", "add rows or remove the batch"))
-    known = set(dataset["item_id"])
-    report.problems += [Problem(str(i), "item_id", "id already in the dataset", "give new items new ids")
-                        for i in rows["item_id"] if i in known]
     return report
 
 

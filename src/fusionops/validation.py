@@ -6,7 +6,8 @@ Everything found is reported at once, each problem naming the row, the column an
 - rows: the suite (required columns, unique ids, nothing empty) and every image (inside the images root, a real
   image file that decodes, not a decompression bomb). `prepare` applies validate.on_bad_rows to these.
 - dataset: rows + what training needs (train/val/test splits, enough training items per label).
-- batch: rows + every label is one the current dataset knows (new data for an existing model; no minimum count).
+- batch: rows + every label is one the current dataset knows and every id is new to it (new data for an existing
+  model; no minimum count).
 """
 
 from __future__ import annotations
@@ -243,13 +244,14 @@ def check_images(df: pd.DataFrame, images_root: Path, *, max_pixels: int = 50_00
 
 
 def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min_train_items_per_label: int = 1,
-             known_labels: set[str] | None = None, max_pixels: int = 50_000_000, split=None,
-             separator: str | None = None) -> Report:
+             known_labels: set[str] | None = None, known_ids: set[str] | None = None, max_pixels: int = 50_000_000,
+             split=None, separator: str | None = None) -> Report:
     """Run every check of `mode` on a canonical manifest and return one report with all problems found.
 
     In dataset mode a manifest without a `split` column is split as `prepare` would (`split`: SplitParams), after
     the row checks: every row is checked, including rows whose label prepare would drop as too rare.
     `separator`: multi-label mode (data.separator): label cells are tag lists, counted and checked per tag.
+    Batch mode: `known_labels` (required) and `known_ids` (when given) are the current dataset's.
     """
     required = ROW_COLUMNS + (("split",) if mode == "dataset" and split is None else ())
     expectations, problems = run_expectations(df, required)
@@ -270,6 +272,9 @@ def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min
         if known_labels is None:
             raise ValueError("batch mode needs the labels of the current dataset")
         report.problems += check_known_labels(df, known_labels, separator)
+        if known_ids is not None:
+            report.problems += [Problem(str(i), "item_id", "id already in the dataset", "give new items new ids")
+                                for i in df["item_id"] if str(i) in known_ids]
     return report
 
 

@@ -103,7 +103,7 @@ def test_validate_batch_mode(zoo, tmp_path):
     params["data"].update(manifest=str(manifest), prepared=str(tmp_path / "none.csv"))  # the current dataset
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    batch = rows[rows["item_id"].isin(odd)]
+    batch = rows[rows["item_id"].isin(odd)].assign(item_id=lambda d: "new-" + d["item_id"])
     batch.to_csv(tmp_path / "batch.csv", index=False)
     args = ("validate", "--manifest", str(tmp_path / "batch.csv"), "--images-root", str(folder), "--mode", "batch")
     ok = run(*args, cwd=tmp_path)
@@ -111,6 +111,11 @@ def test_validate_batch_mode(zoo, tmp_path):
     batch.assign(category="Spaceships").to_csv(tmp_path / "batch.csv", index=False)
     refused = run(*args, cwd=tmp_path)
     assert refused.returncode == 2 and "unknown label 'Spaceships'" in refused.stderr
+    # Items the dataset already has are not new data: each is named by its id, as ingest would refuse it.
+    again = rows[rows["item_id"].isin(odd)]
+    again.to_csv(tmp_path / "batch.csv", index=False)
+    refused = run(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("id already in the dataset") == len(again), refused.stderr
 
 
 @pytest.mark.parametrize("content, needle", [
