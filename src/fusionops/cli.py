@@ -444,6 +444,11 @@ platform_app = typer.Typer(help="The team platform on this machine: PostgreSQL, 
 app.add_typer(platform_app, name="platform")
 DirOption = Annotated[Path | None, typer.Option("--dir", envvar="FUSIONOPS_PLATFORM_DIR",
                                                 help="platform folder [params: platform.dir]")]
+PostgresPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_POSTGRES_PORT",
+                                                 help="[params: platform.postgres_port]")]
+MlflowPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_MLFLOW_PORT", help="[params: platform.mlflow_port]")]
+PrefectPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT",
+                                                 help="[params: platform.prefect_port]")]
 
 
 def _platform(params_path: Path, **overrides):
@@ -457,9 +462,9 @@ def _platform(params_path: Path, **overrides):
 def platform_up(
     params_path: ParamsOption = Path("params.yaml"),
     dir_: DirOption = None,
-    postgres_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_POSTGRES_PORT")] = None,
-    mlflow_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_MLFLOW_PORT")] = None,
-    prefect_port: Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT")] = None,
+    postgres_port: PostgresPort = None,
+    mlflow_port: MlflowPort = None,
+    prefect_port: PrefectPort = None,
 ) -> None:
     """Start PostgreSQL, `mlflow server` and `prefect server` on it, a process worker; deploy prefect.yaml."""
     from fusionops.platform import up
@@ -474,13 +479,16 @@ def platform_up(
 
 
 @platform_app.command("status")
-def platform_status(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+def platform_status(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None,
+                    postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
+                    prefect_port: PrefectPort = None) -> None:
     """Each service, its URL, whether `up` started it and whether it answers; exit 1 when one does not."""
     from rich.table import Table
 
     from fusionops.platform import status
 
-    platform, _ = _platform(params_path, dir=dir_)
+    platform, _ = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
+                            prefect_port=prefect_port)
     table = Table("service", "url", "pid", "answers")
     services = status(platform)
     for s in services:
@@ -502,9 +510,12 @@ def platform_down(params_path: ParamsOption = Path("params.yaml"), dir_: DirOpti
 
 
 @platform_app.command("env")
-def platform_env(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+def platform_env(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None,
+                 postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
+                 prefect_port: PrefectPort = None) -> None:
     """Print the exports that point the pipeline at the platform: eval "$(fusionops platform env)"."""
-    platform, _ = _platform(params_path, dir=dir_)
+    platform, _ = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
+                            prefect_port=prefect_port)
     for key, value in platform.env().items():
         print(f"export {key}={value}")
 

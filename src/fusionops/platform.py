@@ -606,6 +606,19 @@ def deployments(platform: Platform) -> list[str]:
 # --- the commands ----------------------------------------------------------------------------------------------------
 
 
+def _check_ports(platform: Platform) -> None:
+    """The port of every service still to start must be free before any starts: a taken one is an error now, not
+    after PostgreSQL was started (and left running) for an MLflow server that cannot start."""
+    taken = [f"{port} ({service}: --{service}-port)" for service, port, ours in (
+        ("postgres", platform.postgres_port, _our_cluster_pid(platform)),
+        ("mlflow", platform.mlflow_port, _our_pid(platform, "mlflow")),
+        ("prefect", platform.prefect_port, _our_pid(platform, "prefect")),
+    ) if ours is None and not _port_free(platform.host, port)]
+    if taken:
+        raise PlatformError(f"port(s) {', '.join(taken)} taken by another program: stop it or choose other ports "
+                            "(flags, FUSIONOPS_<SERVICE>_PORT or platform.* in params.yaml); nothing was started")
+
+
 def up(platform: Platform, project_dir: Path, params) -> dict[str, str]:
     """Start what is not running yet, in dependency order, then (re)deploy prefect.yaml; safe to run again."""
     if not (project_dir / "prefect.yaml").is_file():
@@ -614,6 +627,7 @@ def up(platform: Platform, project_dir: Path, params) -> dict[str, str]:
         log.warning("the platform's servers have no authentication: on %s anyone who reaches them can run code as "
                     "this user (docs/scaling.md: put auth in front)", platform.host)
     platform.root.mkdir(parents=True, exist_ok=True)
+    _check_ports(platform)
     states = {"postgres": _postgres_up(platform)}
     states["mlflow"] = _mlflow_up(platform)
     states["prefect"] = _prefect_up(platform)

@@ -133,14 +133,25 @@ def test_up_on_a_taken_port_is_a_clear_error_and_down_stops_nothing_else(team_pl
 
     root = Path(tempfile.mkdtemp(prefix="fusionops-platform-taken-"))
     root.chmod(0o755)
+    free = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free.append(s.getsockname()[1])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = _fusionops("platform", "up", "--dir", str(root), f"--postgres-port={port}",
-                            cwd=team_platform["project"])
+        # MLflow's port is taken: refused before PostgreSQL starts, so nothing is left running.
+        result = _fusionops("platform", "up", "--dir", str(root), f"--postgres-port={free[0]}",
+                            f"--mlflow-port={port}", f"--prefect-port={free[1]}", cwd=team_platform["project"])
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert f"port {port} is taken" in result.stderr
+        assert f"{port} (mlflow: --mlflow-port) taken" in result.stderr and "nothing was started" in result.stderr
+        assert not list(root.rglob("postmaster.pid")) and not list(root.rglob("*.pid"))
+        # While it is down, status and env use the ports asked for (flags or FUSIONOPS_*_PORT), not params.yaml's.
+        exports = _fusionops("platform", "env", "--dir", str(root), cwd=team_platform["project"],
+                             env={"FUSIONOPS_MLFLOW_PORT": str(port)}).stdout
+        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{port}" in exports
         # A pid file left from before a reboot, whose pid now belongs to another program: not ours to stop.
         other = subprocess.Popen(["sleep", "300"], start_new_session=True)
         (root / "run").mkdir(exist_ok=True)
