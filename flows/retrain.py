@@ -156,8 +156,27 @@ def retrain(project_dir: Path = Path(".")) -> dict:
         result["data_version"] = data_version(project_dir, params.data.images_root, used=False)
     create_markdown_artifact(_markdown(result), key="retrain-report",
                              description="batches, quarantine, drift, data version, training and gate")
-    print(f"retrain: {result['decision']} ({reason})")
+    print(_summary(result))
     return result
+
+
+def _summary(result: dict) -> str:
+    """A few lines for the run's log and the terminal; the markdown artifact has the details."""
+    lines = [f"retrain: {result['decision']} ({result['reason']})"]
+    lines += [f"  added {name}: {rows} rows" for name, rows in result["appended"].items()]
+    lines += [f"  quarantined {q['batch']}: {q['problem_count']} problem(s), see {q['folder']}/validation.json"
+              for q in result["quarantined"]]
+    if drift := result.get("drift"):
+        drifted = [name for name, t in drift["tests"].items() if t["drift"]]
+        lines.append(f"  drift: {'yes (' + ', '.join(drifted) + ')' if drifted else 'no'}, {drift['new_items']} new "
+                     f"vs {drift['reference_items']} training items")
+    if training := result.get("training"):
+        gate, test = training["promotion"], training["metrics"]["test"]
+        lines.append(f"  trained version {training['registered']['version']}: test accuracy {test['accuracy']:.4f}, "
+                     f"macro-F1 {test['macro_f1']:.4f}; gate: {gate['decision']} (champion: version "
+                     f"{gate['champion']})")
+    lines.append(f"  data version: {result['data_version']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

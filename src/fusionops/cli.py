@@ -259,7 +259,8 @@ def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Option(help="MLflow model URI, e.g. models:/fusionops-emoji@champion")],
+    model: Annotated[str, typer.Option(
+        help="an MLflow model URI (models:/fusionops-emoji@champion, runs:/...) or a model folder (models/fusion)")],
     manifest: Annotated[Path, typer.Option(help="CSV or Parquet with id, image path and text columns")],
     images_root: Annotated[Path, typer.Option(help="folder the manifest's image paths are relative to")],
     out_path: Annotated[Path, typer.Option("--out", help="CSV to write: item_id,prediction,confidence,modalities")],
@@ -267,19 +268,19 @@ def predict(
         "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
     )] = None,
 ) -> None:
-    """Predict every row of a manifest with a registered model.
+    """Predict every row of a manifest with a registered model (or a trained model folder).
 
     A row with an empty image path or an empty text is classified from the other modality (column `modalities`).
     """
     import pandas as pd
 
     from fusionops.atomic import atomic_path
-    from fusionops.registry import load_pyfunc, predict_frame
+    from fusionops.explain import load_predictor
 
     params = _params_or_default(params_path)
     items, images = _unlabelled_items(manifest, images_root, params)
-    frame = pd.DataFrame({"image": [p or "" for p in images], "text": items["text"]})
-    result = predict_frame(load_pyfunc(model, params), frame, params={"progress": True})
+    texts = [t if str(t).strip() else None for t in items["text"]]
+    result = load_predictor(model, params).predict(images, texts, progress=True)  # the model's own predictor
     with atomic_path(out_path) as tmp:
         pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
                       "confidence": result["confidence"].round(4),
@@ -356,6 +357,9 @@ def ingest(
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     path = path.resolve()
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder: give a batch folder (a manifest.csv or .parquet and its images) or "
+                        "an inbox of batch folders")
     single = batch_in(path)
     batches = [single] if single else find_batches(path)
     if not batches:

@@ -110,9 +110,13 @@ def already_ingested(batch: Batch, params: Params, dataset: pd.DataFrame) -> boo
 
 
 def quarantine(batch: Batch, report: Report, quarantine_dir: Path) -> Path:
-    """Move a bad batch aside with its report (validation.json inside the moved folder)."""
+    """Move a bad batch aside with its report (validation.json inside the moved folder). The report's problems then
+    name the files where they are now, in quarantine, not where they were."""
     target = _free_name(Path(quarantine_dir), batch.name)
     shutil.move(str(batch.folder), target)
+    before, after = str(Path(batch.folder).resolve()), str(target.resolve())
+    for problem in report.problems:
+        problem.problem = problem.problem.replace(before, after)
     write_json(target / "validation.json", report.to_dict())
     log.warning("batch %s quarantined in %s: %d problem(s)", batch.name, target, len(report.problems))
     return target

@@ -57,6 +57,9 @@ def _client(params: Params):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     client = MlflowClient(tracking_uri=uri)
     if uri.startswith(("http://", "https://")):
+        retries = logging.getLogger("urllib3.connectionpool")  # one line per retry: the error below says it all
+        level = retries.level
+        retries.setLevel(logging.ERROR)
         try:
             client.search_experiments(max_results=1)
         except MlflowException as err:
@@ -65,6 +68,8 @@ def _client(params: Params):
                 f" retries): start it, or point MLFLOW_TRACKING_URI / registry.tracking_uri at a running one. "
                 f"Nothing was registered or changed. ({str(err.message)[:200]})"
             ) from None
+        finally:
+            retries.setLevel(level)
     return client, uri
 
 

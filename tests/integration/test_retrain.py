@@ -100,6 +100,19 @@ def test_good_batches_are_appended_versioned_and_trained_on(runs, project):
     assert (project / "data/raw" / manifest["image"].iloc[-1]).is_file()
 
 
+
+def test_each_night_logs_a_short_summary(runs, flows):
+    second = runs["second"]
+    summary = flows._summary(second).splitlines()
+    assert summary[0] == f"retrain: retrained ({second['reason']})" and "  added 2026-11-02: 24 rows" in summary
+    assert any(line.startswith("  drift: ") and "24 new vs" in line for line in summary)
+    version = second["training"]["registered"]["version"]
+    assert any(line.startswith(f"  trained version {version}: test accuracy") and "gate: " in line
+               for line in summary)
+    bad = flows._summary(runs["bad"])
+    assert "quarantined 2026-11-03: " in bad and "data/quarantine/2026-11-03/validation.json" in bad
+
+
 def test_second_retrain_computes_features_for_new_items_only(runs, project):
     from fusionops.features.cache import content_key
 
@@ -133,7 +146,8 @@ def test_bad_batch_is_quarantined_and_nothing_changes(runs, project):
     bad = runs["bad"]
     assert bad["decision"] == "not retrained" and bad["appended"] == {}
     assert [q["batch"] for q in bad["quarantined"]] == ["2026-11-03"]
-    assert any("not found" in p for p in bad["quarantined"][0]["problems"])
+    missing = [p for p in bad["quarantined"][0]["problems"] if "not found" in p]
+    assert missing and all(str(project / "data/quarantine/2026-11-03") in p for p in missing)  # where it is now
     assert (project / "data/quarantine/2026-11-03/validation.json").is_file()
     assert runs["version_3"] == runs["version_2"]
     champion = str(mlflow_client().get_model_version_by_alias(MODEL_NAME, "champion").version)
@@ -157,6 +171,9 @@ def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unknown label 'Spaceships'" in result.stderr
     assert raw_version(project) == before and not batch.exists()
+    again = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and f"{batch} is not a folder" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_deployment_runs_on_a_real_prefect_api(prefect_harness, tmp_path):

@@ -171,6 +171,11 @@ def test_served_model_agrees_with_evaluate(first_run, project, tmp_path):
     served = pd.read_csv(out).set_index("item_id")["prediction"]
     evaluated = pd.read_csv(project / "reports/predictions.csv").set_index("item_id")["predicted"]
     assert (served.loc[evaluated.index] == evaluated).mean() >= 0.95
+    # The trained folder itself (what the registry holds a copy of) predicts the same, to the last digit.
+    local = tmp_path / "local.csv"
+    sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", "models/fusion",
+       "--manifest", str(manifest), "--images-root", str(project / "data/raw"), "--out", str(local), cwd=project)
+    pd.testing.assert_frame_equal(pd.read_csv(local), pd.read_csv(out))
 
 
 def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp_path):
