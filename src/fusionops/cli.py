@@ -76,7 +76,7 @@ def validate(
     images_root: Annotated[Path | None, typer.Option(help="folder the manifest's image paths are relative to")] = None,
     mode: Annotated[str, typer.Option(
         help="dataset: a whole training set (splits, enough items per label); "
-             "batch: new data for the current dataset (its labels only, no minimum count)")] = "dataset",
+             "batch: new data for the current dataset (its labels only, new ids, no minimum count)")] = "dataset",
     report_path: Annotated[Path | None, typer.Option(
         "--report", help="where to write the JSON report [default: validate.report for the stage]")] = None,
     params_path: ParamsOption = Path("params.yaml"),
@@ -358,8 +358,8 @@ def ingest(
     root = Path(params_path).resolve().parent
     path = path.resolve()
     if not path.is_dir():
-        raise UserError(f"{path} is not a folder: give a batch folder (a manifest.csv or .parquet and its images) or "
-                        "an inbox of batch folders")
+        raise UserError(f"{path} {'is not a folder' if path.exists() else 'does not exist'}: give a batch folder "
+                        "(a manifest.csv or .parquet and its images) or an inbox of batch folders")
     single = batch_in(path)
     batches = [single] if single else find_batches(path)
     if not batches:

@@ -268,14 +268,19 @@ def load_predictor(model: str, params: Params) -> Predictor:
     from fusionops.predict import Predictor
 
     path = Path(model)
-    if path.is_dir():
+    if path.is_dir() and not (path / "MLmodel").is_file():  # a trained folder, not one MLflow exported
         return Predictor(path)
-    if "://" not in model and not model.startswith(("models:/", "runs:/")):
+    if not path.is_dir() and "://" not in model and not model.startswith(("models:/", "runs:/")):
         raise UserError(f"{model} is neither a model folder nor an MLflow model URI "
                         "(give e.g. models/fusion or models:/<name>@champion)")
+    from mlflow.exceptions import MlflowException
+
     from fusionops.registry import load_pyfunc
 
-    python_model = load_pyfunc(model, params).unwrap_python_model()
+    try:
+        python_model = load_pyfunc(model, params).unwrap_python_model()
+    except MlflowException:
+        raise UserError(f"{model} is not a fusionops model (an MLflow model of another kind)") from None
     predictor = getattr(python_model, "predictor", None)
     if predictor is None:
         raise UserError(f"{model} is not a fusionops model (its python model holds no predictor)")

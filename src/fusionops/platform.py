@@ -609,6 +609,10 @@ def deployments(platform: Platform) -> list[str]:
 def _check_ports(platform: Platform) -> None:
     """The port of every service still to start must be free before any starts: a taken one is an error now, not
     after PostgreSQL was started (and left running) for an MLflow server that cannot start."""
+    ports = {"postgres": platform.postgres_port, "mlflow": platform.mlflow_port, "prefect": platform.prefect_port}
+    if len(set(ports.values())) < len(ports):
+        raise PlatformError(f"each service needs a port of its own, not {ports}: choose other ports; nothing was "
+                            "started")
     taken = [f"{port} ({service}: --{service}-port)" for service, port, ours in (
         ("postgres", platform.postgres_port, _our_cluster_pid(platform)),
         ("mlflow", platform.mlflow_port, _our_pid(platform, "mlflow")),

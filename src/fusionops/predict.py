@@ -54,7 +54,8 @@ def _has_image(image) -> bool:
 
 def _raise_unusable_images(rows: list[int], sources: list[Path | bytes]) -> None:
     """A DataError naming every row whose image cannot be read (a missing, damaged or non-image file)."""
-    problems = [(row, found) for row, source in zip(rows, sources, strict=True) if (found := decode_problem(source))]
+    problems = [(row, found) for row, source in zip(rows, sources, strict=True)
+                if (found := decode_problem(source, max_pixels=None))]  # what failed to decode, not what is large
     if problems:
         lines = "\n".join(f"  row {row}: {problem} -> {fix}" for row, (problem, fix) in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

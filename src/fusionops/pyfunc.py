@@ -46,4 +46,5 @@ class FusionModel(PythonModel):
         except UserError as err:
             raise MlflowException.invalid_parameter_value(str(err)) from None
 
+
 mlflow.models.set_model(FusionModel())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,6 +37,16 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.registry.tracking_uri
 
 
+_PROBING = threading.local()  # set while this thread asks whether the tracking server answers
+
+
+def _not_a_probe_retry(record: logging.LogRecord) -> bool:
+    return not getattr(_PROBING, "active", False)
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_not_a_probe_retry)
+
+
 def _client(params: Params):
     """A client for the tracking store; a server that does not answer is a clear error after bounded retries."""
     import mlflow
@@ -57,9 +68,7 @@ def _client(params: Params):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     client = MlflowClient(tracking_uri=uri)
     if uri.startswith(("http://", "https://")):
-        retries = logging.getLogger("urllib3.connectionpool")  # one line per retry: the error below says it all
-        level = retries.level
-        retries.setLevel(logging.ERROR)
+        _PROBING.active = True  # urllib3 logs one line per retry: the error below says it all
         try:
             client.search_experiments(max_results=1)
         except MlflowException as err:
@@ -69,7 +78,7 @@ def _client(params: Params):
                 f"Nothing was registered or changed. ({str(err.message)[:200]})"
             ) from None
         finally:
-            retries.setLevel(level)
+            _PROBING.active = False
     return client, uri
 
 
@@ -249,14 +258,22 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
             "tracking_uri": uri}
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store URI (query options dropped), None for any other store."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    return Path(parsed.path[1:]) if parsed.scheme == "sqlite" and parsed.path.startswith("/") else None
+
+
 def load_pyfunc(model_uri: str, params: Params):
     """Load a registered or logged model (e.g. models:/name@champion) as an MLflow pyfunc."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri(params)
-    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    if model_uri.startswith(("models:/", "runs:/")) and store is not None and not store.is_file():
+    store = _sqlite_file(tracking_uri(params))
+    registry_elsewhere = model_uri.startswith("models:/") and os.environ.get("MLFLOW_REGISTRY_URI")
+    if model_uri.startswith(("models:/", "runs:/")) and store and not store.is_file() and not registry_elsewhere:
         raise UserError(f"no MLflow store here: {store.resolve()} does not exist, so {model_uri} cannot be found. "
                         "Run from the project folder (where params.yaml is), give --params, or set "
                         "MLFLOW_TRACKING_URI to the store that holds the model")
@@ -265,18 +282,6 @@ def load_pyfunc(model_uri: str, params: Params):
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
         raise UserError(f"cannot load model {model_uri} from {tracking_uri(params)}: {err.message}") from None
-
-
-def predict_frame(model, frame, **kwargs):
-    """`model.predict(frame)`; rows the model refuses (MLflow's invalid-parameter error) are a DataError."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return model.predict(frame, **kwargs)
-    except MlflowException as err:
-        if err.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        raise DataError(err.message) from None
 
 
 def register_trained_model(params: Params, root: Path) -> dict:
@@ -407,7 +412,7 @@ def promote(params: Params) -> dict:
     predictions = {}
     for role, number in (("champion", champion), ("challenger", challenger)):
         model = load_pyfunc(f"models:/{name}/{number}", params)
-        predictions[role] = predict_frame(model, frame)["label"].to_numpy()  # each model's own predictions
+        predictions[role] = model.predict(frame)["label"].to_numpy()  # each model's own predictions
     result = compare(y, predictions["champion"], predictions["challenger"], params.promote,
                      separator=params.data.separator)
     report = markdown(result, name=name, champion=champion, challenger=challenger)

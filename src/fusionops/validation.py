@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,15 +206,16 @@ def check_image(images_root: Path, relpath: str, *, max_pixels: int = 50_000_000
     return decode_problem(path, max_pixels=max_pixels)
 
 
-def decode_problem(source: Path | bytes, *, max_pixels: int = 50_000_000) -> tuple[str, str] | None:
-    """(problem, fix) when an image file (or its bytes) does not decode safely, None when it does."""
+def decode_problem(source: Path | bytes, *, max_pixels: int | None = 50_000_000) -> tuple[str, str] | None:
+    """(problem, fix) when an image file (or its bytes) does not decode safely, None when it does.
+    `max_pixels` None: no limit of ours (Pillow's own decompression-bomb limit still holds)."""
     name = f"image {source}" if isinstance(source, Path) else f"image bytes ({len(source)} B)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 width, height = img.size  # read from the header, before any pixel is decoded
-                if width * height > max_pixels:
+                if max_pixels is not None and width * height > max_pixels:
                     return (f"{name} declares {width}x{height} pixels, over validate.max_image_pixels="
                             f"{max_pixels} (a decompression bomb or a mistake)", "resize it or remove the row")
                 img.load()
@@ -224,6 +226,8 @@ def decode_problem(source: Path | bytes, *, max_pixels: int = 50_000_000) -> tup
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"{name} is too large to decode safely ({err})", "resize it or remove the row"
     except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged files; name what it said
+        if isinstance(source, Path) and (source.is_dir() or not os.access(source, os.R_OK)):
+            return f"{source} cannot be read ({type(err).__name__}: {err})", "give a readable image file"
         return f"{name} is damaged ({type(err).__name__}: {err})", "re-export or replace the file"
     return None
 

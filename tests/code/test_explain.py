@@ -165,12 +165,13 @@ def test_a_model_without_a_usable_index_still_explains(tmp_path, folders, items,
     assert "no neighbour index" in warnings[0] and "does not belong" in warnings[1]
 
 
-def test_an_unknown_model_is_a_clear_error(tmp_path):
+def test_an_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="neither a model folder nor an MLflow model URI"):
         load_predictor(str(tmp_path / "nope"), Params())
     with pytest.raises(UserError, match="holds no trained model"):
         load_predictor(str(tmp_path), Params())
     # A registry URI outside any project (no params.yaml, no MLFLOW_TRACKING_URI): said, and no store is created.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with contextlib.chdir(tmp_path), pytest.raises(UserError, match="no MLflow store here: .*mlflow.db does not exist"):
         load_predictor("models:/fusionops-emoji@champion", Params())
     assert not (tmp_path / "mlflow.db").exists()

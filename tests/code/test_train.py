@@ -132,10 +132,11 @@ def _predicts_with_a_modality_missing(predictor, model, features, prepared, imag
         predictor.predict([paths[0], b""], [texts[0], None])
     # Images that cannot be read are named by row, each with what to do; the readable ones are not blamed.
     missing = images_root / "no-such-image.png"
-    with pytest.raises(DataError, match="2 image\\(s\\) cannot be used") as raised:
-        predictor.predict([paths[0], missing, b"not an image"], texts[:3])
+    with pytest.raises(DataError, match="3 image\\(s\\) cannot be used") as raised:
+        predictor.predict([paths[0], missing, b"not an image", images_root], texts[:4])
     message = str(raised.value)
     assert f"row 1: file {missing} not found" in message and "row 2: image bytes (12 B) is not an image" in message
+    assert f"row 3: {images_root} cannot be read (IsADirectoryError" in message
     assert "row 0" not in message
 
 

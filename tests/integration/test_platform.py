@@ -148,6 +148,9 @@ def test_up_on_a_taken_port_is_a_clear_error_and_down_stops_nothing_else(team_pl
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"{port} (mlflow: --mlflow-port) taken" in result.stderr and "nothing was started" in result.stderr
         assert not list(root.rglob("postmaster.pid")) and not list(root.rglob("*.pid"))
+        same = _fusionops("platform", "up", "--dir", str(root), f"--postgres-port={free[0]}",
+                          f"--mlflow-port={free[1]}", f"--prefect-port={free[1]}", cwd=team_platform["project"])
+        assert same.returncode == 1 and "a port of its own" in same.stderr and not list(root.rglob("*.pid"))
         # While it is down, status and env use the ports asked for (flags or FUSIONOPS_*_PORT), not params.yaml's.
         exports = _fusionops("platform", "env", "--dir", str(root), cwd=team_platform["project"],
                              env={"FUSIONOPS_MLFLOW_PORT": str(port)}).stdout

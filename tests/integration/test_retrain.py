@@ -100,7 +100,6 @@ def test_good_batches_are_appended_versioned_and_trained_on(runs, project):
     assert (project / "data/raw" / manifest["image"].iloc[-1]).is_file()
 
 
-
 def test_each_night_logs_a_short_summary(runs, flows):
     second = runs["second"]
     summary = flows._summary(second).splitlines()
@@ -173,7 +172,7 @@ def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path
     assert raw_version(project) == before and not batch.exists()
     again = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and f"{batch} is not a folder" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 1 and f"{batch} does not exist" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_deployment_runs_on_a_real_prefect_api(prefect_harness, tmp_path):
