@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -20,6 +20,11 @@ from fusionops.errors import UserError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="random seed (0 .. 2**32 - 1)")]
+Positive = Annotated[float, Field(gt=0)]
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 
 
 class DataParams(Section):
@@ -34,6 +39,16 @@ class DataParams(Section):
     label_separator: str = Field("|", min_length=1, description="multi: what separates the tags of a label cell")
     group_column: str = "emoji_id"
     prepared: Path = Path("data/prepared/manifest.csv")
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DataParams:
+        columns = {"id_column": self.id_column, "image_column": self.image_column, "text_column": self.text_column,
+                   "label_column": self.label_column}
+        for key, name in columns.items():
+            others = [other for other, value in columns.items() if value == name and other != key]
+            if others:
+                raise ValueError(f"data.{key} and data.{others[0]} are both {name!r}: each must name its own column")
+        return self
 
     @property
     def separator(self) -> str | None:
@@ -73,7 +88,7 @@ class ImageEncoderParams(Section):
     interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
     crop_pct: float | None = Field(None, gt=0, le=1)
     mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    std: tuple[Positive, Positive, Positive] | None = None
     background: tuple[int, int, int] = (255, 255, 255)
 
 
@@ -97,7 +112,7 @@ class FeaturesParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(16, ge=1)
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="DataLoader processes decoding images beside the forward pass; auto: cores - 2")
     shard_size: int = Field(512, ge=1, description="items per cache shard; a killed run keeps finished shards")
     executor: Literal["local", "dask"] = Field("local", description="where image vectors are computed")
@@ -125,7 +140,7 @@ class TrainParams(Section):
     batch_size: int = Field(128, ge=1)
     max_epochs: int = Field(100, ge=1)
     patience: int = Field(10, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_dir: Path = Field(Path(".cache/checkpoints"), description="per-epoch state; a killed run resumes")
     timing: Path = Field(Path("reports/timing.json"), description="wall-clock figures of train and evaluate; not a "
@@ -141,13 +156,21 @@ class EvaluateParams(Section):
 
 
 class RegistryParams(Section):
-    model_name: str = "fusionops-emoji"
+    model_name: str = Field("fusionops-emoji", pattern=r"^[^/:]+$", description="a registered model name (no / or :)")
     experiment: str = "fusionops"
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
     artifacts_dir: Path = Field(Path("mlartifacts"), description="artifact root for a local (sqlite/file) store")
     quantize: bool = Field(False, description="serve with int8 dynamic quantization of the head and text encoder")
     http_retries: int = Field(3, ge=0, description="retries (exponential backoff) before a tracking server is down")
     http_timeout: int = Field(30, ge=1, description="seconds per request to a tracking server")
+
+    @model_validator(mode="after")
+    def _store_uri(self) -> RegistryParams:
+        scheme = self.tracking_uri.split(":", 1)[0] if ":" in self.tracking_uri else ""
+        if scheme.split("+", 1)[0] not in STORE_SCHEMES and self.tracking_uri != "databricks":
+            raise ValueError(f"registry.tracking_uri {self.tracking_uri!r} is not an MLflow store URI: use e.g. "
+                             "sqlite:///mlflow.db, http://host:5000 or postgresql://user@host/db")
+        return self
 
 
 class PromoteParams(Section):
@@ -157,7 +180,7 @@ class PromoteParams(Section):
     n_resamples: int = Field(1000, ge=100)
     min_delta: float = Field(0.0, description="the CI's lower bound must lie above this macro-F1 difference")
     max_class_drop: float = Field(0.10, ge=0, le=1, description="largest per-class F1 drop a challenger may have")
-    seed: int = 0
+    seed: Seed = 0
     report: Path = Path("reports/promotion.md")
 
 
@@ -165,7 +188,7 @@ class DriftParams(Section):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise: each of the tests uses alpha / n_tests")
     reference_items: int = Field(500, ge=10, description="training items sampled as the reference")
     permutations: int = Field(200, ge=50)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RetrainParams(Section):
@@ -267,6 +290,8 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path} is not UTF-8 text (byte {err.start + 1} is not): save it as UTF-8") from None
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:

@@ -25,10 +25,19 @@ def test_project_params_equal_the_defaults():
     ("split: {train: 0.9, val: 0.2}", "must be < 1"),
     ("features: {precision: fp8}", "features.precision"),
     ("train: [1, 2", "not valid YAML"),
+    ("features: {image: {std: [0.2, 0, 0.2]}}", "features.image.std.1: Input should be greater than 0"),
+    ("features: {num_workers: -1}", "features.num_workers"),
+    ("train: {seed: -1}", "train.seed: Input should be greater than or equal to 0"),
+    ("promote: {seed: 4294967296}", "promote.seed: Input should be less than 4294967296"),
+    ("registry: {tracking_uri: mlflow.db}", "'mlflow.db' is not an MLflow store URI"),
+    ("registry: {tracking_uri: 'htp://localhost:5000'}", "'htp://localhost:5000' is not an MLflow store URI"),
+    ("registry: {model_name: team/model}", "registry.model_name: String should match"),
+    ("data: {label_column: item_id}", "data.id_column and data.label_column are both 'item_id'"),
+    (b"data: {label_column: cat\xe9gorie}", "is not UTF-8 text"),
 ])
 def test_bad_params_name_the_key(tmp_path, text, needle):
     path = tmp_path / "params.yaml"
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(ParamsError, match=needle.replace(".", r"\.")):
         load_params(path)
 

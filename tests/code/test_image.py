@@ -198,6 +198,12 @@ def test_missing_weights_file_says_what_to_provide(tmp_path):
         build_image_encoder(ImageEncoderParams(backbone="resnet18"))
     with pytest.raises(UserError, match="unknown image backbone"):
         build_image_encoder(ImageEncoderParams(backbone="no_such_net", weights=str(packaged_weights())))
+    # A file that is not a state dict (text, or a pickle of something else) says so, not torch's pickling advice.
+    (tmp_path / "notes.pth").write_text("not weights")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    for name, needle in (("notes.pth", "cannot be read as a state dict"), ("list.pth", "hold no state dict")):
+        with pytest.raises(UserError, match=needle):
+            build_image_encoder(ImageEncoderParams(weights=str(tmp_path / name))).load()
     # A misspelt name is an unknown model (with the closest names), not a weights file to look for.
     with pytest.raises(UserError, match=r"unknown image backbone 'resnet5o' \(did you mean resnet50"):
         build_image_encoder(ImageEncoderParams(backbone="resnet5o"))

@@ -110,3 +110,29 @@ def test_packaged_names_are_not_paths_and_a_registered_model_requires_their_pack
 
 def test_the_packaged_minilm_by_name_is_the_default_encoder(text_encoder):
     assert build_text_encoder(TextEncoderParams(model="all-MiniLM-L6-v2")).id == text_encoder.id
+
+
+def test_a_damaged_local_folder_is_named_not_embedded(text_encoder, tmp_path):
+    """A copy of the packaged folder with one part broken: an error that names the folder and what to replace,
+    never vectors from a tokenizer that maps every word to [UNK]."""
+    import shutil
+
+    def copy(name: str):
+        folder = tmp_path / name
+        shutil.copytree(text_encoder.folder, folder)
+        return folder
+
+    folder = copy("no-vocabulary")
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(UserError, match=r"no-vocabulary has no vocabulary \(none of tokenizer\.json, vocab\.txt"):
+        build_text_encoder(TextEncoderParams(model=str(folder)))
+    folder = copy("bad-config")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json is not a Hugging Face model config"):
+        build_text_encoder(TextEncoderParams(model=str(folder)))
+    folder = copy("cut-weights")
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cut-weights cannot be loaded"):
+        build_text_encoder(TextEncoderParams(model=str(folder))).encode(["a red apple"])

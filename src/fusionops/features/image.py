@@ -344,12 +344,20 @@ def _weights_file(params: ImageEncoderParams) -> Path:
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a torch file loaded with weights_only (tensors, never code)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip, safetensors and OS errors alike: not a weights file
+        raise UserError(f"image weights {path} cannot be read as a state dict ({type(err).__name__}): give a "
+                        ".pth/.pt state dict or a .safetensors file") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"image weights {path} hold no state dict (name -> tensor): give a .pth/.pt state dict or a "
+                        ".safetensors file")
+    return state
 
 
 def timm_state(weights: Path, name: str, shape: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -122,6 +122,11 @@ def packaged_mpnet_dir() -> Path:
     return unpack_split_zip(parts, "all-mpnet-base-v2", MPNET_FILES, models_dir() / "all-mpnet-base-v2")
 
 
+# What a Hugging Face tokenizer reads its vocabulary from (fast tokenizers, WordPiece, BPE, SentencePiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
 def _model_dir(spec: str) -> Path:
     if spec in ("package", "all-MiniLM-L6-v2"):
         path = packaged_minilm_dir()
@@ -162,7 +167,11 @@ class TextEncoder:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.folder)
+        try:
+            return AutoTokenizer.from_pretrained(self.folder)
+        except Exception as err:  # noqa: BLE001 - a damaged tokenizer file fails in many ways: name the folder
+            raise UserError(f"the tokenizer in {self.folder} cannot be loaded ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]}): replace its tokenizer files") from None
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -170,7 +179,11 @@ class TextEncoder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        return AutoModel.from_pretrained(self.folder).eval()
+        try:
+            return AutoModel.from_pretrained(self.folder).eval()
+        except Exception as err:  # noqa: BLE001 - a cut or damaged weights file fails in many ways: name the folder
+            raise UserError(f"the text encoder in {self.folder} cannot be loaded ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]}): replace its weights and config.json") from None
 
     @torch.inference_mode()
     def encode(self, texts: list[str], *, batch_size: int = 256, device: torch.device | str = "cpu",
@@ -205,6 +218,15 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
     name = "all-MiniLM-L6-v2" if params.model == "package" else params.model if params.model in PACKAGED_TEXT \
         else folder.name
     tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        # Without one, a tokenizer still loads, knows a handful of special tokens and maps every word to [UNK].
+        raise UserError(f"text encoder folder {folder} has no vocabulary (none of {', '.join(VOCABULARY_FILES)}): "
+                        "copy the model's tokenizer files into it")
+    try:
+        dim = int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{folder / 'config.json'} is not a Hugging Face model config ({type(err).__name__}: {err}): "
+                        "replace it with the model's own") from None
     config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
               "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files],
               "libraries": library_versions("torch", "transformers", "tokenizers")}
@@ -214,6 +236,6 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
         pooling=params.pooling,
         max_length=params.max_length,
         id=encoder_id(name, weights_sha256, config),
-        dim=int(json.loads((folder / "config.json").read_text())["hidden_size"]),
+        dim=dim,
         weights_sha256=weights_sha256,
     )
