@@ -97,7 +97,7 @@ def class_drops(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, lab
     f1_a = f1_score(y, champion, labels=scored, average=None, zero_division=0)
     f1_b = f1_score(y, challenger, labels=scored, average=None, zero_division=0)
     support = [int(np.sum(y == label)) for label in labels] if columns is None else y[:, columns].sum(0).tolist()
-    rows = [{"label": label, "champion_f1": round(float(a), 4), "challenger_f1": round(float(b), 4),
+    rows = [{"label": str(label), "champion_f1": round(float(a), 4), "challenger_f1": round(float(b), 4),
              "drop": round(float(a - b), 4), "support": n}
             for label, a, b, n in zip(labels, f1_a, f1_b, support, strict=True)]
     return sorted(rows, key=lambda r: -r["drop"])

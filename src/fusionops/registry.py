@@ -359,12 +359,18 @@ def _record(client, name: str, version: str, tags: dict) -> None:
         client.set_model_version_tag(name, version, key, str(value))
 
 
-def _same_label_mode(client, name: str, versions: dict[str, str], params: Params) -> None:
-    """The gate compares label cells as params.yaml's data.label_mode reads them: both versions must predict that
-    kind of label (a version registered before the tag existed is single-label)."""
+def _same_labels(client, name: str, versions: dict[str, str], params: Params) -> None:
+    """The gate compares label cells as params.yaml's data.label_column and label_mode read them: both versions must
+    predict those labels (a version registered before the tags existed is single-label, on the same column)."""
     wanted = (params.data.label_mode, params.data.separator or "")
     for role, number in versions.items():
         tags = client.get_model_version(name, number).tags
+        column = tags.get("label_column", params.data.label_column)  # untagged (older) versions: assumed the same
+        if column != params.data.label_column:
+            raise UserError(
+                f"{role} version {number} of {name} was trained on labels from column {column!r}, but params.yaml "
+                f"has data.label_column: {params.data.label_column}: the gate cannot compare them on these test "
+                "items; aliases unchanged (promote with the params the versions were trained with)")
         mode = (tags.get("label_mode", "single"), tags.get("label_separator", ""))
         if mode != wanted:
             raise UserError(
@@ -407,7 +413,7 @@ def promote(params: Params) -> dict:
         return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
                 "reason": "there was no champion"}
 
-    _same_label_mode(client, name, {"champion": champion, "challenger": challenger}, params)
+    _same_labels(client, name, {"champion": champion, "challenger": challenger}, params)
     y, frame = _test_items(params)
     predictions = {}
     for role, number in (("champion", champion), ("challenger", challenger)):

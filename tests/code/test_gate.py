@@ -63,3 +63,12 @@ def test_gate_reads_each_models_own_predictions(y):
     assert forward.champion == backward.challenger
     text = markdown(forward, name="m", champion="1", challenger="2")
     assert "version 2 PROMOTED" in text and "| c |" in text
+
+
+def test_a_class_that_collapses_blocks_promotion_and_is_named_plainly(y):
+    champion = _preds(y, 0.85, 1)
+    challenger = _preds(y, 0.95, 2)
+    challenger[y == "c"] = "d"  # better overall, but class c is never predicted any more
+    result = compare(y, champion, challenger, PromoteParams(max_class_drop=0.10))
+    assert not result.promote and result.reason.startswith("class 'c' drops by ")  # not np.str_('c')
+    assert "np.str_" not in markdown(result, name="m", champion="1", challenger="2")

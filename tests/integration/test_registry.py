@@ -160,6 +160,14 @@ def test_failed_evaluation_leaves_every_alias_untouched(history, world, tmp_path
     with pytest.raises(DataError, match="aliases unchanged"):
         promote(broken)
     assert _aliases(world) == before
+    # A challenger trained on another label column cannot be scored on this one's test labels: refused, not 0.0.
+    client = _client(world)
+    client.set_model_version_tag(NAME, version, "label_column", "subcategory")
+    with pytest.raises(UserError, match=f"challenger version {version} .* column 'subcategory', but params.yaml "
+                                        f"has data.label_column: {world['params'].data.label_column}"):
+        promote(world["params"])
+    client.delete_model_version_tag(NAME, version, "label_column")
+    assert _aliases(world) == before
     assert "promotion.decision" not in _client(world).get_model_version(NAME, version).tags
 
 
