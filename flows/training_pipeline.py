@@ -131,6 +131,7 @@ def training_pipeline(project_dir: Path = Path(".")) -> dict:
     from fusionops.locks import project_lock
 
     project_dir = Path(project_dir).resolve()
+    load_params(project_dir / "params.yaml")  # a mistake in params.yaml stops the run here, before any stage
     stages = {}
     with project_lock(project_dir):  # re-entrant: the retrain flow calls this one while holding it
         for name in dvc_stages(project_dir):
@@ -171,9 +172,27 @@ def _summary(project_dir: Path, result: dict) -> str:
     ])
 
 
+def run_from_terminal(flow_fn, project_dir: Path) -> dict:
+    """Run a flow from the command line. A mistake in params.yaml is one message before anything runs; a failed
+    stage or a user error ends the run with its message and exit code (Prefect's log above has the details)."""
+    from fusionops.config import load_params
+    from fusionops.errors import UserError
+
+    try:
+        load_params(project_dir / "params.yaml")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    try:
+        return flow_fn(project_dir=project_dir)
+    except (UserError, StageFailed) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", type=Path, default=Path("."), help="folder with dvc.yaml and params.yaml")
     args = parser.parse_args()
-    result = training_pipeline(project_dir=args.project_dir)
+    result = run_from_terminal(training_pipeline, args.project_dir)
     print(_summary(args.project_dir.resolve(), result))

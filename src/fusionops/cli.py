@@ -104,7 +104,9 @@ def validate(
     if report_path:
         write_report(report, report_path)
     if not report.success:
-        raise DataError(report.summary(limit=1000) + (f"\nfull report: {_rel(report_path)}" if report_path else ""))
+        rest = f"all in {_rel(report_path)}" if report_path else "give --report PATH to write them all"
+        raise DataError(report.summary(limit=1000, rest=rest)
+                        + (f"\nfull report: {_rel(report_path)}" if report_path else ""))
     out.print(report.summary())
 
 
@@ -368,7 +370,8 @@ def ingest(
         good, bad = check_batches(batches, params)
         for batch, report in bad:
             where = quarantine(batch, report, params.retrain.quarantine)
-            err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{report.summary()}", markup=False)
+            listed = report.summary(rest=f"all in {_rel(where / 'validation.json')}")
+            err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{listed}", markup=False)
         result = add_batches(good, params, root)
     for name, rows in result["appended"].items():
         out.print(f"batch {name}: {rows} rows appended to {_rel(params.data.manifest)}")

@@ -73,14 +73,15 @@ class Report:
             "problems": [asdict(p) for p in self.problems],
         }
 
-    def summary(self, limit: int = 50) -> str:
+    def summary(self, limit: int = 50, rest: str = "see the JSON report") -> str:
+        """One line per problem, at most `limit`; `rest`: where the others are listed."""
         if self.success:
             return (f"validation passed ({self.mode}): {self.rows} rows, {len(self.expectations)} expectations met, "
                     "every image decodes")
         lines = [f"validation failed ({self.mode}): {len(self.problems)} problem(s) in {self.rows} rows"]
         lines += [f"  {p}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
-            lines.append(f"  ... and {len(self.problems) - limit} more (see the JSON report)")
+            lines.append(f"  ... and {len(self.problems) - limit} more ({rest})")
         return "\n".join(lines)
 
 

@@ -60,6 +60,21 @@ def test_prepare_refuses_a_bad_row_or_skips_it_by_policy(project):
     assert pd.read_csv(project / "data/prepared/rejected.csv")["item_id"].tolist() == [first_id]
 
 
+def test_prepare_refuses_to_prepare_nothing(project):
+    manifest = project / "data/raw/manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(lines[0] + "\n")  # the header only
+    result = run("prepare", cwd=project)
+    assert result.returncode == 2 and "nothing to train on, it has no rows" in result.stderr
+    manifest.write_text("\n".join(lines) + "\n")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"]["min_groups_per_label"] = 1000
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run("prepare", cwd=project)
+    assert result.returncode == 2 and f"none of its {len(lines) - 1} rows is left" in result.stderr
+    assert "Traceback" not in result.stderr and not (project / "data/prepared").exists()
+
+
 def test_bad_params_is_a_message_not_a_traceback(project):
     (project / "params.yaml").write_text("train: {epochs: 3}\n")
     result = run("train", cwd=project)

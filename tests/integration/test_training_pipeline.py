@@ -203,3 +203,16 @@ def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "3 row(s) cannot be used" in result.stderr and "neither an image nor a text" in result.stderr
     assert not (tmp_path / "neither_out.csv").exists()
+
+
+@pytest.mark.parametrize("flow", ["training_pipeline", "retrain"])
+def test_a_params_mistake_is_one_message_before_the_flow_runs(tmp_path, flow):
+    """`python flows/<flow>.py` with a misspelt key: the key and the file, no traceback, no flow run."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    params["train"]["batchsize"] = params["train"].pop("batch_size")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    script = Path(__file__).resolve().parents[2] / "flows" / f"{flow}.py"
+    result = subprocess.run([sys.executable, str(script), "--project-dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1 and "train.batchsize: Extra inputs are not permitted" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and len(result.stderr.strip().splitlines()) == 1

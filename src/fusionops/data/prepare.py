@@ -69,7 +69,9 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
                       separator=data.separator)
     if report.table_problems or (report.problems and checks.on_bad_rows == "fail"):
         hint = "" if report.table_problems else "\n(or set validate.on_bad_rows: skip to drop bad rows and go on)"
-        raise DataError(f"{data.manifest}: {report.summary()}{hint}\nnothing was written")
+        every = (f"`fusionops validate --manifest {data.manifest} --images-root {data.images_root} --report "
+                 "validation.json` lists them all")
+        raise DataError(f"{data.manifest}: {report.summary(rest=every)}{hint}\nnothing was written")
     rejected = report.problems
     if rejected:
         log.warning("skipping %d bad row(s) (validate.on_bad_rows: skip), listed in %s",
@@ -84,6 +86,12 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
                          "add items of this label (other groups), or lower split.min_groups_per_label")
                  for i, label in zip(df["item_id"], df["label"], strict=True) if i not in kept
                  for tags in [[t for t in split_tags(label, data.separator) if t in rare.index]]]
+    if not kept:
+        why = ("it has no rows" if report.rows == 0 else
+               f"none of its {report.rows} rows is left ({len(report.bad_rows)} bad, the others of labels with fewer "
+               f"than split.min_groups_per_label={split.min_groups_per_label} groups)")
+        raise DataError(f"{data.manifest}: nothing to train on, {why}: add items or lower "
+                        "split.min_groups_per_label; nothing was written")
     df = split_manifest(df, split, data.separator)
     _write_csv(pd.DataFrame([vars(p) for p in rejected], columns=["item_id", "column", "problem", "fix"]),
                checks.rejected)
