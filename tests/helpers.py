@@ -82,11 +82,12 @@ def make_zoo(folder: Path, base: pd.DataFrame) -> tuple[Path, dict[str, str], li
     (images / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
     (folder.parent / "outside.png").write_bytes(real)
     (images / "escape.png").symlink_to(folder.parent / "outside.png")
+    (images / "folder.png").mkdir()
     for item_id, image in [("bad/corrupt", "zoo/corrupt.png"), ("bad/truncated", "zoo/truncated.png"),
                            ("bad/empty-file", "zoo/empty.png"), ("bad/missing", "zoo/missing.png"),
                            ("bad/dotdot", "../outside.png"), ("bad/absolute", str(folder.parent / "outside.png")),
                            ("bad/symlink", "zoo/escape.png"), ("bad/bomb", "zoo/bomb.png"),
-                           ("bad/not-an-image", "zoo/text.png")]:
+                           ("bad/not-an-image", "zoo/text.png"), ("bad/folder", "zoo/folder.png")]:
         add(item_id, image, blame="image")
     add("bad/empty-text", "zoo/one.png", text="", blame="text")
     add("bad/blank-text", "zoo/one.png", text="  \t ", blame="text")

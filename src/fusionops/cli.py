@@ -92,6 +92,9 @@ def validate(
     if manifest is None:  # the pipeline stage: the prepared manifest, as a dataset
         if mode != "dataset":
             raise UserError("--mode batch checks new data: give it with --manifest and --images-root")
+        if images_root is not None:
+            raise UserError("--images-root goes with --manifest (the manifest its image paths belong to); without "
+                            "--manifest the prepared manifest is checked against data.images_root")
         df, root, report_path = _prepared(params), params.data.images_root, report_path or params.validate_.report
     else:
         if images_root is None:
@@ -322,8 +325,10 @@ def explain(
     if manifest is not None:
         if image is not None or text is not None:
             raise UserError("give one item (--image / --text) or a --manifest, not both")
-        if images_root is None or out_path is None:
-            raise UserError("--manifest needs --images-root (the folder its image paths are relative to) and --out")
+        missing = [flag for flag, value in (("--images-root", images_root), ("--out", out_path)) if value is None]
+        if missing:
+            raise UserError(f"--manifest needs {' and '.join(missing)} too (--images-root: the folder its image "
+                            "paths are relative to; --out: the JSON file to write)")
         items, images = _unlabelled_items(manifest, images_root, params)
         texts, ids = items["text"].astype(str).tolist(), items["item_id"].astype(str).tolist()
     else:
@@ -387,6 +392,12 @@ cache_app = typer.Typer(help="The content-addressed feature cache: what it holds
 app.add_typer(cache_app, name="cache")
 
 
+def _cache_exists(params: Params) -> None:
+    if not Path(params.features.cache_dir).is_dir():
+        raise UserError(f"no feature cache at {_rel(params.features.cache_dir)} (features.cache_dir): it is made by "
+                        "`fusionops features` (or `dvc repro`); check the path")
+
+
 @cache_app.command("info")
 def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Size, entries and encoder id of every key space (* = used by the current params)."""
@@ -396,6 +407,7 @@ def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
     from fusionops.features.extract import current_key_spaces
 
     params = load_params(params_path)
+    _cache_exists(params)
     spaces, current = describe(params.features.cache_dir), current_key_spaces(params.features)
     table = Table("", "key space (encoder id - precision)", "dim", "entries", "shards", "MB", "created")
     for s in spaces:
@@ -417,6 +429,7 @@ def cache_prune(
     from fusionops.features.extract import current_key_spaces
 
     params = load_params(params_path)
+    _cache_exists(params)
     removed = prune(params.features.cache_dir, current_key_spaces(params.features), dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for r in removed:
@@ -434,7 +447,9 @@ def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
 
     from fusionops.doctor import run_checks
 
-    params = load_params(params_path) if Path(params_path).is_file() else Params()
+    if not Path(params_path).is_file():
+        raise UserError(f"{Path(params_path).resolve()} not found: run from the project folder or pass --params PATH")
+    params = load_params(params_path)
     checks = run_checks(params, Path(params_path).resolve().parent)
     table = Table("check", "", "found", "to fix", show_lines=False)
     for c in checks:

@@ -284,6 +284,8 @@ class ParamsError(UserError):
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read params.yaml, check it, and anchor its relative paths at the file's folder."""
     path = Path(path).resolve()
+    if path.is_dir():
+        raise ParamsError(f"{path} is a folder: give the params file (e.g. --params {path / 'params.yaml'})")
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the project folder or pass --params PATH")
     try:

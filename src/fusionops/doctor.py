@@ -95,8 +95,11 @@ def _accelerator() -> Check:
 
 def _tracking(params: Params) -> Check:
     from fusionops.errors import UserError
-    from fusionops.registry import _client
+    from fusionops.registry import _client, _sqlite_file, tracking_uri
 
+    store = _sqlite_file(tracking_uri(params))
+    if store is not None and not store.is_file():  # looking must not create it
+        return Check("mlflow", True, f"tracking store {tracking_uri(params)} (a local store, made by the first run)")
     try:
         _, uri = _client(params)
     except UserError as err:
@@ -112,6 +115,18 @@ def _offline() -> Check:
                  warning=not ok)
 
 
+def _project(params: Params) -> Check:
+    from fusionops.models import HEADS
+
+    problems = []
+    if params.train.head not in HEADS:
+        problems.append(f"train.head {params.train.head!r} is not one of {', '.join(sorted(HEADS))}")
+    if not Path(params.data.manifest).is_file():
+        problems.append(f"no manifest at {params.data.manifest} (data.manifest): `make data` or `dvc pull`")
+    return Check("project", not problems, "; ".join(problems) or "train.head known, data.manifest present",
+                 "fix params.yaml or fetch the data" if problems else "")
+
+
 def _dvc(root: Path) -> Check:
     ok = (root / ".dvc").is_dir()
     return Check("dvc", ok, f"DVC repository at {root}" if ok else f"no .dvc in {root}",
@@ -123,11 +138,12 @@ def run_checks(params: Params, root: Path) -> list[Check]:
         ("python", _python), ("packages", _packages), ("encoders", lambda: _encoders(params)),
         ("folders", lambda: _writable(params)), ("disk", lambda: _disk(params)), ("device", _accelerator),
         ("mlflow", lambda: _tracking(params)), ("offline", _offline), ("dvc", lambda: _dvc(root)),
+        ("project", lambda: _project(params)),
     ]
     results = []
     for name, check in checks:
         try:
             results.append(check())
         except Exception as err:  # noqa: BLE001 - a check that crashes is a failed check, reported like the others
-            results.append(Check(name, False, f"{type(err).__name__}: {err}", "see the message above"))
+            results.append(Check(name, False, f"{type(err).__name__}: {err}", "what 'found' says"))
     return results

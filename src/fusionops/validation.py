@@ -200,6 +200,8 @@ def check_image(images_root: Path, relpath: str, *, max_pixels: int = 50_000_000
     path = (root / relpath).resolve()  # resolves '..' and symlinks: what is read must be inside the root
     if not path.is_relative_to(root):
         return f"path {relpath!r} leads outside the images root {root}", "move the file under the images root"
+    if path.is_dir():
+        return f"{path} is a folder, not an image file", "fix the path"
     if not path.is_file():
         return f"file {path} not found", "add the file or fix the path"
     if path.stat().st_size == 0:

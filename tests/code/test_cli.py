@@ -131,6 +131,8 @@ def test_validate_batch_mode(zoo, tmp_path):
     again.to_csv(tmp_path / "batch.csv", index=False)
     refused = run(*args, cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("id already in the dataset") == len(again), refused.stderr
+    alone = run("validate", "--images-root", str(folder), cwd=tmp_path)  # not silently ignored
+    assert alone.returncode == 1 and "--images-root goes with --manifest" in alone.stderr
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -147,11 +149,17 @@ def test_doctor_passes_here_and_names_what_to_fix(project):
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     ok = run("doctor", cwd=project)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for check in ("packages", "encoders", "folders", "disk", "device", "mlflow"):
+    for check in ("packages", "encoders", "folders", "disk", "device", "mlflow", "project"):
         assert check in ok.stdout
+    assert not (project / "mlflow.db").exists()  # looking at the store does not create it
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["features"]["image"]["weights"] = "weights/missing.pth"
+    params["train"]["head"] = "concatt"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     broken = run("doctor", cwd=project)
-    assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders" in broken.stderr
+    assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders, project" in broken.stderr
     assert re.search(r"encoders\s*│\s*FAIL", broken.stdout) and "UserError" in broken.stdout
+    assert "train.head 'concatt' is not one of attention, concat, gated" in broken.stdout
+    outside = run("doctor", cwd=project / "data")
+    assert outside.returncode == 1 and "params.yaml not found" in outside.stderr
+    assert not (project / "data/mlflow.db").exists()

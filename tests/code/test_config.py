@@ -45,6 +45,8 @@ def test_bad_params_name_the_key(tmp_path, text, needle):
 def test_missing_params_file_says_what_to_do(tmp_path):
     with pytest.raises(ParamsError, match="--params"):
         load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="is a folder: give the params file"):
+        load_params(tmp_path)
 
 
 def test_digest_depends_on_values_not_on_location(tmp_path):

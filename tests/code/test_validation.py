@@ -24,7 +24,7 @@ def test_every_bad_row_is_reported_at_once_and_odd_rows_pass(zoo):
     assert all(p.fix for p in report.problems)
     text = report.summary()
     for words in ("outside the images root", "absolute path", "not an image", "0 bytes", "not found",
-                  "decompression bomb", "damaged", "value is empty", "id is not unique"):
+                  "decompression bomb", "damaged", "value is empty", "id is not unique", "a folder, not an image file"):
         assert words in text, words
 
 
