@@ -254,6 +254,9 @@ def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
     has_image = items["image"].astype(str).str.strip() != ""
     problems = [Problem(item_id, "image, text", "neither an image nor a text", "give at least one")
                 for item_id in items.loc[~has_image & (items["text"].astype(str).str.strip() == ""), "item_id"]]
+    repeated = items["item_id"][items["item_id"].duplicated()]
+    problems += [Problem(str(item_id), "item_id", "id is not unique", "give every row its own id")
+                 for item_id in repeated.unique()]
     problems += check_images(items, images_root)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
@@ -268,7 +271,8 @@ def predict(
         help="an MLflow model URI (models:/fusionops-emoji@champion, runs:/...) or a model folder (models/fusion)")],
     manifest: Annotated[Path, typer.Option(help="CSV or Parquet with id, image path and text columns")],
     images_root: Annotated[Path, typer.Option(help="folder the manifest's image paths are relative to")],
-    out_path: Annotated[Path, typer.Option("--out", help="CSV to write: item_id,prediction,confidence,modalities")],
+    out_path: Annotated[Path, typer.Option(
+        "--out", help="CSV (or .parquet) to write: item_id, prediction, confidence, modalities")],
     params_path: Annotated[Path | None, typer.Option(
         "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
     )] = None,
@@ -286,10 +290,13 @@ def predict(
     items, images = _unlabelled_items(manifest, images_root, params)
     texts = [t if str(t).strip() else None for t in items["text"]]
     result = load_predictor(model, params).predict(images, texts, progress=True)  # the model's own predictor
+    table = pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
+                          "confidence": result["confidence"].round(4), "modalities": result["modalities"]})
     with atomic_path(out_path) as tmp:
-        pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
-                      "confidence": result["confidence"].round(4),
-                      "modalities": result["modalities"]}).to_csv(tmp, index=False)
+        if out_path.suffix.lower() in (".parquet", ".pq"):
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
     out.print(f"predicted {len(items)} items with {model} -> {out_path}")
 
 

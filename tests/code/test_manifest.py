@@ -15,6 +15,13 @@ def test_csv_and_parquet_read_the_same(tmp_path):
     assert a["item_id"].tolist() == ["007", "8"]  # ids stay strings, leading zeros kept
 
 
+def test_a_parquet_cell_holding_a_list_is_refused_not_stringified(tmp_path):
+    df = pd.DataFrame({"item_id": ["1", "2"], "image": ["a.png", "b.png"], "text": [["grinning", "face"], None]})
+    df.to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(DataError, match=r"column 'text' holds lists or structures \(first at row 1"):
+        read_manifest(tmp_path / "m.parquet")
+
+
 def test_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "m.csv"
     path.write_bytes(b"item_id,text\n1,ok\n2,caf\xe9\n")

@@ -172,10 +172,10 @@ def test_served_model_agrees_with_evaluate(first_run, project, tmp_path):
     evaluated = pd.read_csv(project / "reports/predictions.csv").set_index("item_id")["predicted"]
     assert (served.loc[evaluated.index] == evaluated).mean() >= 0.95
     # The trained folder itself (what the registry holds a copy of) predicts the same, to the last digit.
-    local = tmp_path / "local.csv"
+    local = tmp_path / "local.parquet"  # and --out .parquet writes Parquet
     sh(str(Path(sys.executable).with_name("fusionops")), "predict", "--model", "models/fusion",
        "--manifest", str(manifest), "--images-root", str(project / "data/raw"), "--out", str(local), cwd=project)
-    pd.testing.assert_frame_equal(pd.read_csv(local), pd.read_csv(out))
+    pd.testing.assert_frame_equal(pd.read_parquet(local), pd.read_csv(out, dtype={"item_id": str}))
 
 
 def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp_path):
@@ -203,6 +203,13 @@ def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "3 row(s) cannot be used" in result.stderr and "neither an image nor a text" in result.stderr
     assert not (tmp_path / "neither_out.csv").exists()
+    twice = tmp_path / "twice.csv"
+    pd.concat([test.head(2), test.head(1)]).to_csv(twice, index=False)
+    result = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "predict", "--model", "models/fusion",
+                             "--manifest", str(twice), "--images-root", str(project / "data/raw"), "--out",
+                             str(tmp_path / "twice_out.csv")], cwd=project, capture_output=True, text=True)
+    first_id = test["item_id"].iloc[0]
+    assert result.returncode == 2 and f"row {first_id!r}, column item_id: id is not unique" in result.stderr
 
 
 @pytest.mark.parametrize("flow", ["training_pipeline", "retrain"])

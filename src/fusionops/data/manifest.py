@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fusionops.config import DataParams
@@ -23,7 +24,9 @@ def read_manifest(path: Path) -> pd.DataFrame:
         if suffix == ".csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
         elif suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(path).astype("string").fillna("").astype(str)
+            df = pd.read_parquet(path)
+            _refuse_nested(df, path)
+            df = df.astype("string").fillna("").astype(str)
         else:
             raise DataError(f"manifest {path}: unsupported format '{suffix}'; use .csv or .parquet")
     except UnicodeDecodeError:
@@ -31,6 +34,17 @@ def read_manifest(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as err:
         raise DataError(f"manifest {path} could not be read: {err}") from None
     return df
+
+
+def _refuse_nested(df: pd.DataFrame, path: Path) -> None:
+    """A Parquet cell holding a list, an array or a struct would become its text form ("['a', 'b']"): refuse it."""
+    for column in df.select_dtypes(include="object").columns:
+        nested = df[column].map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray))
+        if nested.any():
+            row = int(nested.to_numpy().argmax())
+            raise DataError(f"manifest {path}: column {column!r} holds lists or structures (first at row {row + 1}: "
+                            f"{str(df[column].iloc[row])[:60]}): give one value per cell (multi-label: tags joined "
+                            "by data.label_separator)")
 
 
 def _first_bad_byte(path: Path) -> str:
