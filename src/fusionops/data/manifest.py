@@ -38,7 +38,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def _refuse_nested(df: pd.DataFrame, path: Path) -> None:
     """A Parquet cell holding a list, an array or a struct would become its text form ("['a', 'b']"): refuse it."""
-    for column in df.select_dtypes(include="object").columns:
+    for column in [c for c in df.columns if pd.api.types.is_object_dtype(df[c])]:
         nested = df[column].map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray))
         if nested.any():
             row = int(nested.to_numpy().argmax())
