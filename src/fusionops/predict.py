@@ -73,6 +73,8 @@ class Predictor:
         self.task = LabelTask.from_config(self.config)  # single- or multi-label, with its tuned thresholds
         self.labels: list[str] = self.task.labels
         self.temperature = float(self.config.get("temperature", 1.0))  # fitted on validation: calibrated confidences
+        # What the head reads: both, or one for a one-modality ablation (models/ablations/*)
+        self.modalities = tuple(self.config.get("head_kwargs", {}).get("modalities", ("image", "text")))
         recorded = self.config["encoders"]
         self.device = resolve_device("cpu" if quantize else device)  # int8 dynamic quantization is a CPU path
         self.dtype = autocast_dtype(self.device, precision or recorded["image"].get("precision", "auto"))
@@ -97,12 +99,17 @@ class Predictor:
         if len(images) != len(texts):
             raise DataError(f"{len(images)} images but {len(texts)} texts: give one of each per item "
                             "(None for a missing one)")
-        has_image = [_has_image(img) for img in images]
-        has_text = [isinstance(t, str) and bool(t.strip()) for t in texts]
+        # A modality the head does not read is not computed, and counts as missing.
+        has_image = [_has_image(img) and "image" in self.modalities for img in images]
+        has_text = [isinstance(t, str) and bool(t.strip()) and "text" in self.modalities for t in texts]
         empty = [i for i, (a, b) in enumerate(zip(has_image, has_text, strict=True)) if not (a or b)]
         if empty:
             shown = ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else "")
-            raise DataError(f"{len(empty)} item(s) have neither an image nor a text (rows {shown}): give at least one")
+            if len(self.modalities) == 2:
+                raise DataError(f"{len(empty)} item(s) have neither an image nor a text (rows {shown}): give at "
+                                "least one")
+            raise DataError(f"{len(empty)} item(s) have no {self.modalities[0]} (rows {shown}), the one modality "
+                            f"this model reads (a one-modality ablation): give it, or use the fused model")
         image = torch.zeros(len(images), self.image_encoder.dim)
         text = torch.zeros(len(texts), self.text_encoder.dim)
         rows = [i for i, ok in enumerate(has_image) if ok]

@@ -67,7 +67,7 @@ def test_saved_model_predicts_the_same(tmp_path, splits):
     assert (tmp_path / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors header, not a pickle
 
 
-def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice_features):
+def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice_features, slice_dir):
     params = FAST.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history",
                                      "timing": tmp_path / "timing.json", "max_epochs": 5})
     summary = train(slice_prepared, slice_features, params)
@@ -80,6 +80,16 @@ def test_train_stage_writes_fusion_and_ablations(tmp_path, slice_prepared, slice
     assert set(timing) == set(VARIANTS) and all(seconds > 0 for seconds in timing.values())
     _, image_only = load_model(tmp_path / "models/ablations/image_only")
     assert image_only["head_kwargs"]["modalities"] == ["image"]
+    # A one-modality head answers from that modality only, and refuses items without it.
+    from fusionops.errors import DataError
+    from fusionops.predict import Predictor
+
+    predictor = Predictor(tmp_path / "models/ablations/image_only")
+    rows = slice_prepared.head(2)
+    paths = [slice_dir / p for p in rows["image"]]
+    assert predictor.predict(paths, rows["text"].tolist())["modalities"].tolist() == ["image", "image"]
+    with pytest.raises(DataError, match=r"1 item\(s\) have no image \(rows 1\), the one modality this model reads"):
+        predictor.predict([paths[0], None], rows["text"].tolist())
     for variant in VARIANTS:
         history = pd.read_csv(tmp_path / "history" / f"{variant}.csv")
         assert list(history.columns) == ["epoch", "train_loss", "val_accuracy", "val_macro_f1", "lr"]
