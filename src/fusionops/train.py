@@ -26,7 +26,7 @@ from fusionops.atomic import atomic_dir, atomic_path, write_json
 from fusionops.calibration import fit_temperature
 from fusionops.config import TrainParams
 from fusionops.device import autocast_dtype, resolve_device
-from fusionops.errors import DataError
+from fusionops.errors import DataError, UserError
 from fusionops.explain import write_neighbours
 from fusionops.features import FeatureSet
 from fusionops.labels import LabelTask, known_labels, macro_f1, tune_thresholds
@@ -202,6 +202,9 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
             loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
                                 device=device, dtype=dtype, generator=generator,
                                 modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
+            if not math.isfinite(loss):
+                raise UserError(f"training {name} diverged: the loss is {loss} at epoch {epoch} (train.lr={params.lr}): "
+                                "lower train.lr")
             val_pred = task.decide_logits(predict_logits(model, val.image, val.text, device=device))
             val_y = val.y.numpy().astype(val_pred.dtype)  # multi-label: both 0/1 matrices
             f1 = macro_f1(val_y, val_pred)

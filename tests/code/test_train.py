@@ -36,6 +36,15 @@ def test_every_head_keeps_the_contract(name, modalities):
         assert not torch.equal(head(img, txt), head(torch.randn(4, 12), txt))
 
 
+def test_a_diverging_run_says_to_lower_the_learning_rate(splits):
+    from fusionops.errors import UserError
+
+    labels, tr, va, _ = splits
+    with pytest.raises(UserError, match=r"training fusion diverged: the loss is (nan|inf) at epoch \d+ .*lower train.lr"):
+        fit(tr, va, LabelTask(labels), FAST.model_copy(update={"lr": 1e9, "max_epochs": 5}),
+            modalities=("image", "text"), name="fusion")
+
+
 def test_unknown_head_lists_the_known_ones():
     with pytest.raises(UserError, match="known heads: .*concat"):
         create_head("nope", image_dim=1, text_dim=1, num_classes=2)
