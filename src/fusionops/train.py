@@ -203,8 +203,8 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
                                 device=device, dtype=dtype, generator=generator,
                                 modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
             if not math.isfinite(loss):
-                raise UserError(f"training {name} diverged: the loss is {loss} at epoch {epoch} (train.lr={params.lr}): "
-                                "lower train.lr")
+                raise UserError(f"training {name} diverged: the loss is {loss} at epoch {epoch} "
+                                f"(train.lr={params.lr}): lower train.lr")
             val_pred = task.decide_logits(predict_logits(model, val.image, val.text, device=device))
             val_y = val.y.numpy().astype(val_pred.dtype)  # multi-label: both 0/1 matrices
             f1 = macro_f1(val_y, val_pred)
