@@ -174,10 +174,15 @@ def _summary(project_dir: Path, result: dict) -> str:
 
 def run_from_terminal(flow_fn, project_dir: Path) -> dict:
     """Run a flow from the command line. A mistake in params.yaml is one message before anything runs; a failed
-    stage or a user error ends the run with its message and exit code (Prefect's log above has the details)."""
+    stage (exit 1) or a user error (its exit code) ends the run with its message (Prefect's log above has the
+    details)."""
     from fusionops.config import load_params
     from fusionops.errors import UserError
 
+    if not (project_dir / "params.yaml").is_file():
+        print(f"error: no params.yaml in {project_dir.resolve()}: run from the project folder or give --project-dir",
+              file=sys.stderr)
+        sys.exit(1)
     try:
         load_params(project_dir / "params.yaml")
     except UserError as err:

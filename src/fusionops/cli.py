@@ -399,12 +399,6 @@ cache_app = typer.Typer(help="The content-addressed feature cache: what it holds
 app.add_typer(cache_app, name="cache")
 
 
-def _cache_exists(params: Params) -> None:
-    if not Path(params.features.cache_dir).is_dir():
-        raise UserError(f"no feature cache at {_rel(params.features.cache_dir)} (features.cache_dir): it is made by "
-                        "`fusionops features` (or `dvc repro`); check the path")
-
-
 @cache_app.command("info")
 def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Size, entries and encoder id of every key space (* = used by the current params)."""
@@ -414,7 +408,9 @@ def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
     from fusionops.features.extract import current_key_spaces
 
     params = load_params(params_path)
-    _cache_exists(params)
+    if not Path(params.features.cache_dir).is_dir():
+        raise UserError(f"no feature cache at {_rel(params.features.cache_dir)} (features.cache_dir): it is made by "
+                        "`fusionops features` (or `dvc repro`); check the path")
     spaces, current = describe(params.features.cache_dir), current_key_spaces(params.features)
     table = Table("", "key space (encoder id - precision)", "dim", "entries", "shards", "MB", "created")
     for s in spaces:
@@ -436,7 +432,9 @@ def cache_prune(
     from fusionops.features.extract import current_key_spaces
 
     params = load_params(params_path)
-    _cache_exists(params)
+    if not Path(params.features.cache_dir).is_dir():
+        out.print(f"nothing to prune: no feature cache at {_rel(params.features.cache_dir)} (features.cache_dir)")
+        return
     removed = prune(params.features.cache_dir, current_key_spaces(params.features), dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for r in removed:
@@ -449,14 +447,13 @@ def cache_prune(
 
 @app.command()
 def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Check this machine: packages, weights, encoders, folders, disk, GPU, MLflow, DVC; say what to fix."""
+    """Check this machine and project: packages, weights, encoders, folders, disk, GPU, MLflow, DVC, train.head and
+    the manifest; say what to fix."""
     from rich.table import Table
 
     from fusionops.doctor import run_checks
 
-    if not Path(params_path).is_file():
-        raise UserError(f"{Path(params_path).resolve()} not found: run from the project folder or pass --params PATH")
-    params = load_params(params_path)
+    params = load_params(params_path)  # outside a project: says so (nothing to check against)
     checks = run_checks(params, Path(params_path).resolve().parent)
     table = Table("check", "", "found", "to fix", show_lines=False)
     for c in checks:

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="random seed (0 .. 2**32 - 1)")]
-Positive = Annotated[float, Field(gt=0)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 
 
@@ -156,7 +156,7 @@ class EvaluateParams(Section):
 
 
 class RegistryParams(Section):
-    model_name: str = Field("fusionops-emoji", pattern=r"^[^/:]+$", description="a registered model name (no / or :)")
+    model_name: str = Field("fusionops-emoji", description="a registered model name (no / or :)")
     experiment: str = "fusionops"
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
     artifacts_dir: Path = Field(Path("mlartifacts"), description="artifact root for a local (sqlite/file) store")
@@ -166,10 +166,23 @@ class RegistryParams(Section):
 
     @model_validator(mode="after")
     def _store_uri(self) -> RegistryParams:
-        scheme = self.tracking_uri.split(":", 1)[0] if ":" in self.tracking_uri else ""
-        if scheme.split("+", 1)[0] not in STORE_SCHEMES and self.tracking_uri != "databricks":
-            raise ValueError(f"registry.tracking_uri {self.tracking_uri!r} is not an MLflow store URI: use e.g. "
-                             "sqlite:///mlflow.db, http://host:5000 or postgresql://user@host/db")
+        """Refuse the two traps only: a database file given as a plain path (MLflow would make a file store
+        there), and a misspelt scheme. Plain folders and other schemes (plugins) are MLflow's to judge."""
+        import difflib
+
+        uri = self.tracking_uri
+        if "://" not in uri and Path(uri).suffix.lower() in (".db", ".sqlite", ".sqlite3"):
+            raise ValueError(f"registry.tracking_uri {uri!r} is a database file: write sqlite:///{uri}")
+        scheme = uri.split("://", 1)[0].lower().split("+", 1)[0] if "://" in uri else ""
+        close = difflib.get_close_matches(scheme, STORE_SCHEMES, n=1, cutoff=0.6) if scheme else []
+        if scheme and scheme not in STORE_SCHEMES and close:
+            raise ValueError(f"registry.tracking_uri {uri!r}: unknown scheme {scheme!r} (did you mean {close[0]}?)")
+        return self
+
+    @model_validator(mode="after")
+    def _model_name(self) -> RegistryParams:
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:"):
+            raise ValueError(f"registry.model_name {self.model_name!r}: MLflow needs a name without / or :")
         return self
 
 

@@ -370,7 +370,8 @@ def _same_labels(client, name: str, versions: dict[str, str], params: Params) ->
             raise UserError(
                 f"{role} version {number} of {name} was trained on labels from column {column!r}, but params.yaml "
                 f"has data.label_column: {params.data.label_column}: the gate cannot compare them on these test "
-                "items; aliases unchanged (promote with the params the versions were trained with)")
+                "items; aliases unchanged. Give each label column its own registry.model_name, or move the aliases "
+                "with MLflow if you mean to switch")
         mode = (tags.get("label_mode", "single"), tags.get("label_separator", ""))
         if mode != wanted:
             raise UserError(

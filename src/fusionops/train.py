@@ -202,7 +202,7 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
             loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
                                 device=device, dtype=dtype, generator=generator,
                                 modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
-            if not math.isfinite(loss):
+            if math.isnan(loss) or (math.isinf(loss) and not scaler.is_enabled()):  # fp16: the scaler recovers
                 raise UserError(f"training {name} diverged: the loss is {loss} at epoch {epoch} "
                                 f"(train.lr={params.lr}): lower train.lr")
             val_pred = task.decide_logits(predict_logits(model, val.image, val.text, device=device))

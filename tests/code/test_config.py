@@ -29,9 +29,10 @@ def test_project_params_equal_the_defaults():
     ("features: {num_workers: -1}", "features.num_workers"),
     ("train: {seed: -1}", "train.seed: Input should be greater than or equal to 0"),
     ("promote: {seed: 4294967296}", "promote.seed: Input should be less than 4294967296"),
-    ("registry: {tracking_uri: mlflow.db}", "'mlflow.db' is not an MLflow store URI"),
-    ("registry: {tracking_uri: 'htp://localhost:5000'}", "'htp://localhost:5000' is not an MLflow store URI"),
-    ("registry: {model_name: team/model}", "registry.model_name: String should match"),
+    ("registry: {tracking_uri: mlflow.db}", "'mlflow.db' is a database file: write sqlite:///mlflow.db"),
+    ("registry: {tracking_uri: 'htp://localhost:5000'}", "unknown scheme 'htp'"),
+    ("registry: {model_name: team/model}", "registry.model_name 'team/model': MLflow needs a name without"),
+    ("features: {image: {std: [.inf, 1, 1]}}", "features.image.std.0: Input should be a finite number"),
     ("data: {label_column: item_id}", "data.id_column and data.label_column are both 'item_id'"),
     (b"data: {label_column: cat\xe9gorie}", "is not UTF-8 text"),
 ])
@@ -40,6 +41,12 @@ def test_bad_params_name_the_key(tmp_path, text, needle):
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(ParamsError, match=needle.replace(".", r"\.")):
         load_params(path)
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "/srv/mlruns", "HTTP://tracking:5000", "azureml://workspace",
+                                 "postgresql+psycopg2://user@db/mlflow", "databricks"])
+def test_tracking_uris_mlflow_accepts_are_accepted(uri):
+    assert Params.model_validate({"registry": {"tracking_uri": uri}}).registry.tracking_uri == uri
 
 
 def test_missing_params_file_says_what_to_do(tmp_path):

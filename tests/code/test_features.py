@@ -172,6 +172,12 @@ def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params
     assert {s["key_space"] for s in describe(params.cache_dir)} == current
     assert "nothing to prune" in cli("prune")
     assert extract_features(df, slice_dir, params)["image"]["computed"] == 0  # what is in use survived
+    # A cache_dir that does not exist (a typo): info says so; prune has nothing to do and says why.
+    elsewhere = params.model_copy(update={"cache_dir": tmp_path / "no-cache"})
+    yaml_path.write_text(yaml.safe_dump({"features": elsewhere.model_dump(mode="json")}))
+    assert "no feature cache at" in cli("prune")
+    missing = CliRunner().invoke(app, ["cache", "info", "--params", str(yaml_path)], env={"COLUMNS": "250"})
+    assert missing.exit_code == 1 and "no feature cache at" in str(missing.exception)
 
 
 def test_worker_processes_give_the_same_vectors(slice_dir, params, tmp_path):

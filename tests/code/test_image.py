@@ -201,7 +201,7 @@ def test_missing_weights_file_says_what_to_provide(tmp_path):
     # A file that is not a state dict (text, or a pickle of something else) says so, not torch's pickling advice.
     (tmp_path / "notes.pth").write_text("not weights")
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    for name, needle in (("notes.pth", "cannot be read as a state dict"), ("list.pth", "hold no state dict")):
+    for name, needle in (("notes.pth", "are not a tensors-only torch file"), ("list.pth", "hold no state dict")):
         with pytest.raises(UserError, match=needle):
             build_image_encoder(ImageEncoderParams(weights=str(tmp_path / name))).load()
     # A misspelt name is an unknown model (with the closest names), not a weights file to look for.

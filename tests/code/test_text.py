@@ -1,4 +1,5 @@
 import hashlib
+import json
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
@@ -131,6 +132,11 @@ def test_a_damaged_local_folder_is_named_not_embedded(text_encoder, tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json is not a Hugging Face model config"):
         build_text_encoder(TextEncoderParams(model=str(folder)))
+    folder = copy("distilbert-style")  # the size under another name (DistilBERT: dim) is still read
+    config = json.loads((folder / "config.json").read_text())
+    config["dim"] = config.pop("hidden_size")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert build_text_encoder(TextEncoderParams(model=str(folder))).dim == text_encoder.dim
     folder = copy("cut-weights")
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])

@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+import pickle
 import re
 import threading
 from collections import defaultdict
@@ -350,13 +351,20 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip, safetensors and OS errors alike: not a weights file
-        raise UserError(f"image weights {path} cannot be read as a state dict ({type(err).__name__}): give a "
-                        ".pth/.pt state dict or a .safetensors file") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never for a file from elsewhere
+        raise UserError(f"image weights {path} are not a tensors-only torch file (a pickle of other objects, or no "
+                        "torch file at all): give a .pth/.pt state dict or a .safetensors file") from None
+    except Exception as err:  # noqa: BLE001 - zip, safetensors and OS errors alike: not a weights file
+        raise UserError(f"image weights {path} cannot be read as a state dict ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''}): give a .pth/.pt state dict or a "
+                        ".safetensors file") from None
+    if isinstance(state, dict):  # a training checkpoint: the weights under one of the usual keys
+        state = next((state[k] for k in ("state_dict", "model", "model_ema", "state_dict_ema")
+                      if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"image weights {path} hold no state dict (name -> tensor): give a .pth/.pt state dict or a "
-                        ".safetensors file")
+        keys = f" (its keys: {', '.join(map(str, list(state)[:8]))})" if isinstance(state, dict) else ""
+        raise UserError(f"image weights {path} hold no state dict (name -> tensor){keys}: give a .pth/.pt state "
+                        "dict or a .safetensors file")
     return state
 
 

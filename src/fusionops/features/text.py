@@ -122,9 +122,26 @@ def packaged_mpnet_dir() -> Path:
     return unpack_split_zip(parts, "all-mpnet-base-v2", MPNET_FILES, models_dir() / "all-mpnet-base-v2")
 
 
-# What a Hugging Face tokenizer reads its vocabulary from (fast tokenizers, WordPiece, BPE, SentencePiece).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                    "tokenizer.model")
+# What a Hugging Face tokenizer reads its vocabulary from: fast tokenizers, WordPiece, BPE, and SentencePiece
+# models under any name (spiece.model, spm.model, sentencepiece.bpe.model...).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model", "*.spm")
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    """Every file the tokenizer reads (its vocabulary and settings): part of the encoder id."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name.startswith(("tokenizer", "vocab", "special_tokens", "merges")) or p.suffix in (".model", ".spm")))
+
+
+def _hidden_size(folder: Path) -> int:
+    """The vector size, under the names configs use for it (hidden_size; DistilBERT dim; T5/BART d_model)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return int(next(config[k] for k in ("hidden_size", "dim", "d_model") if k in config))
+    except (ValueError, TypeError, StopIteration) as err:
+        raise UserError(f"{folder / 'config.json'} is not a Hugging Face model config with a hidden size "
+                        f"({type(err).__name__}{': ' + str(err) if str(err) else ''}): replace it with the model's "
+                        "own") from None
 
 
 def _model_dir(spec: str) -> Path:
@@ -169,6 +186,8 @@ class TextEncoder:
 
         try:
             return AutoTokenizer.from_pretrained(self.folder)
+        except ImportError:
+            raise  # a library this tokenizer needs (sentencepiece, protobuf): its own message says which
         except Exception as err:  # noqa: BLE001 - a damaged tokenizer file fails in many ways: name the folder
             raise UserError(f"the tokenizer in {self.folder} cannot be loaded ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]}): replace its tokenizer files") from None
@@ -181,6 +200,8 @@ class TextEncoder:
         hf_logging.disable_progress_bar()
         try:
             return AutoModel.from_pretrained(self.folder).eval()
+        except ImportError:
+            raise
         except Exception as err:  # noqa: BLE001 - a cut or damaged weights file fails in many ways: name the folder
             raise UserError(f"the text encoder in {self.folder} cannot be loaded ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]}): replace its weights and config.json") from None
@@ -217,16 +238,12 @@ def build_text_encoder(params: TextEncoderParams) -> TextEncoder:
     folder = _model_dir(params.model)
     name = "all-MiniLM-L6-v2" if params.model == "package" else params.model if params.model in PACKAGED_TEXT \
         else folder.name
-    tokenizer_files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
-    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+    tokenizer_files = _tokenizer_files(folder)
+    if not any(any(folder.glob(pattern)) for pattern in VOCABULARY_FILES):
         # Without one, a tokenizer still loads, knows a handful of special tokens and maps every word to [UNK].
         raise UserError(f"text encoder folder {folder} has no vocabulary (none of {', '.join(VOCABULARY_FILES)}): "
                         "copy the model's tokenizer files into it")
-    try:
-        dim = int(json.loads((folder / "config.json").read_text())["hidden_size"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{folder / 'config.json'} is not a Hugging Face model config ({type(err).__name__}: {err}): "
-                        "replace it with the model's own") from None
+    dim = _hidden_size(folder)
     config = {"pooling": params.pooling, "max_length": params.max_length, "normalize": "l2",
               "tokenizer": [sha256_file(p)[:16] for p in tokenizer_files],
               "libraries": library_versions("torch", "transformers", "tokenizers")}
