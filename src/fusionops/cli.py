@@ -212,8 +212,12 @@ def register(params_path: ParamsOption = Path("params.yaml")) -> None:
 
     params = load_params(params_path)
     result = register_trained_model(params, Path(params_path).resolve().parent)
-    out.print(f"registered {result['name']} version {result['version']} ({', '.join(result['aliases'])}), "
-              f"run {result['run_id']}")
+    if result["new"]:
+        out.print(f"registered {result['name']} version {result['version']} ({', '.join(result['aliases'])}), "
+                  f"run {result['run_id']}")
+    else:
+        out.print(f"not registered again: {result['name']} version {result['version']} already holds these weights "
+                  f"(now {', '.join(result['aliases'])})")
 
 
 @app.command()
@@ -348,7 +352,8 @@ def explain(
     predictor = load_predictor(model, params)
     results = run(predictor, images, texts, top=top, neighbours=neighbours, progress=manifest is not None)
     if manifest is None:
-        out.print(summary(results[0]))
+        # A table wraps at the console's width: 80 columns when the output is a file or a pipe, too few for paths
+        (out if out.is_terminal else Console(width=200)).print(summary(results[0]))
     if out_path is not None:
         rows = [{"item_id": i, **r} for i, r in zip(ids, results, strict=True)] if manifest is not None else results
         with atomic_path(out_path) as tmp:

@@ -271,6 +271,7 @@ def load_pyfunc(model_uri: str, params: Params):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar repainted in logs and pipes
     store = _sqlite_file(tracking_uri(params))
     registry_elsewhere = model_uri.startswith("models:/") and os.environ.get("MLFLOW_REGISTRY_URI")
     if model_uri.startswith(("models:/", "runs:/")) and store and not store.is_file() and not registry_elsewhere:

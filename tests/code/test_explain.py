@@ -202,6 +202,14 @@ def test_cli_explains_one_item_and_a_manifest(tmp_path, folders, slice_dir, slic
     assert "prediction" in one.output and "gate weight" in one.output and "nearest training items" in one.output
     assert train_row["item_id"] in one.output  # its own nearest neighbour
     assert not list(tmp_path.iterdir())  # one item without --out: printed, nothing written
+    from typer.testing import CliRunner
+
+    from fusionops.cli import app
+
+    piped = CliRunner().invoke(app, ["explain", "--model", str(folders["gated"]), "--image",
+                                     str(slice_dir / train_row["image"]), "--text", train_row["text"]],
+                               env={"COLUMNS": "80"})  # not a terminal: the table is not cut at 80 columns
+    assert piped.exit_code == 0 and train_row["image"] in piped.output, piped.output
 
     manifest = pd.read_csv(slice_dir / "manifest.csv", dtype=str, keep_default_na=False).head(3)
     manifest.loc[1, "text"] = ""

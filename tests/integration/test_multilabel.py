@@ -124,7 +124,9 @@ def test_cli_predictions_and_the_gate_speak_tags(tagged):
     params["train"]["seed"] = 1
     (tagged / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(sys.executable, "-m", "dvc", "repro", cwd=tagged)
-    sh("fusionops", "register", cwd=tagged)
+    assert "registered fusion" in sh("fusionops", "register", cwd=tagged)
+    again = sh("fusionops", "register", cwd=tagged)  # the same weights: said so, no new version
+    assert "not registered again:" in again and "already holds these weights" in again
     sh("fusionops", "promote", cwd=tagged)
     report = (tagged / "reports/promotion.md").read_text()
     assert f"test items: {int((prepared['split'] == 'test').sum())}" in report
