@@ -4,6 +4,9 @@ MLflow runs this file when the model is loaded; fusionops itself never imports i
 safetensors by the Predictor, so loading the model unpickles nothing.
 """
 
+import base64
+import binascii
+
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
@@ -19,9 +22,10 @@ class FusionModel(PythonModel):
         self.predictor = Predictor(context.artifacts["model"], quantize=bool(config.get("quantize", False)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes). Either
-        modality may be missing (null or empty): the row is classified from the other one. A request the model
-        cannot use is refused with MLflow's invalid-parameter error (HTTP 400 when served), naming the rows."""
+        """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes, or base64
+        text as in a JSON request). Either modality may be missing (null or empty): the row is classified from the
+        other one. A request the model cannot use is refused with MLflow's invalid-parameter error (HTTP 400 when
+        served), naming the rows."""
         from mlflow.exceptions import MlflowException
 
         from fusionops.errors import UserError
@@ -30,9 +34,16 @@ class FusionModel(PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"the request has none of the columns {', '.join(sorted(COLUMNS))} (columns the model's signature "
                 "does not name are dropped): send each row as {\"image\" or \"image_bytes\", \"text\"}")
-        images, texts = [], []
-        for row in model_input.to_dict("records"):
+        images, texts, not_base64 = [], [], []
+        for i, row in enumerate(model_input.to_dict("records")):
             data, path, text = row.get("image_bytes"), row.get("image"), row.get("text")
+            if isinstance(data, str) and data.strip():
+                # The signature's image_bytes is a string: MLflow hands base64 text over as it is, so a null
+                # beside rows with bytes is simply a row without an image (MLflow's own binary decoding refuses it).
+                try:
+                    data = base64.b64decode("".join(data.split()), validate=True)
+                except (binascii.Error, ValueError):
+                    not_base64.append(i)
             if isinstance(data, bytes | bytearray) and len(data):
                 images.append(bytes(data))
             elif isinstance(path, str) and path.strip():
@@ -40,6 +51,10 @@ class FusionModel(PythonModel):
             else:
                 images.append(None)
             texts.append(text if isinstance(text, str) else None)
+        if not_base64:
+            raise MlflowException.invalid_parameter_value(
+                f"image_bytes is not base64 text (rows {', '.join(map(str, not_base64[:20]))}): send each file's "
+                "bytes base64-encoded, or its path as image")
         progress = bool((params or {}).get("progress", False))
         try:
             return self.predictor.predict(images, texts, progress=progress)

@@ -121,8 +121,10 @@ def _signature():
     from mlflow.types.schema import Map
 
     return ModelSignature(
-        # The image comes as a path or as the file's bytes (base64 in JSON requests): one of the two per row.
-        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("binary", "image_bytes", required=False),
+        # The image comes as a path or as the file's bytes: one of the two per row. image_bytes is a string column
+        # (base64 text in JSON requests, decoded by the model; bytes in Python): a null in it is a row without an
+        # image, which MLflow's binary type would refuse.
+        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "image_bytes", required=False),
                        ColSpec("string", "text", required=False)]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
                         ColSpec(Map(DataType.double), "probabilities"), ColSpec("string", "modalities")]),

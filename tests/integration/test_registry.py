@@ -25,7 +25,7 @@ from fusionops.data.prepare import prepare
 from fusionops.errors import DataError, UserError
 from fusionops.features import extract_features, load_features
 from fusionops.features.image import packaged_weights, sha256_file
-from fusionops.registry import current_alias_version, promote, register, rollback
+from fusionops.registry import current_alias_version, load_pyfunc, promote, register, rollback
 from fusionops.train import model_dir, train
 
 pytestmark = pytest.mark.integration
@@ -231,12 +231,19 @@ def test_served_champion_answers_http(history, world):
                                  timeout=120)
         assert response.status_code == 400 and "neither an image nor a text (rows 2)" in response.text
         # A request the model cannot use is refused by name, without a server-side stack trace.
+        mixed = [by_bytes[0], {"image_bytes": None, "text": by_bytes[1]["text"]}]  # a null beside bytes: no image
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": mixed},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        assert pd.DataFrame(response.json()["predictions"])["modalities"].tolist() == ["image+text", "text"]
         refused = {"misnamed columns": ([{"img": by_path[0]["image"], "txt": by_path[0]["text"]}],
                                         "none of the columns image, image_bytes, text"),
                    "missing image": ([by_path[0], {"image": "/no/such/image.png", "text": "x"}],
                                      "row 1: file /no/such/image.png not found"),
                    "not an image": ([{"image_bytes": base64.b64encode(b"not an image").decode(), "text": "x"}],
-                                    "row 0: image bytes (12 B) is not an image")}
+                                    "row 0: image bytes (12 B) is not an image"),
+                   "not base64": ([by_bytes[0], {"image_bytes": "data:image/png;base64,iVBOR", "text": "x"}],
+                                  "image_bytes is not base64 text (rows 1)")}
         for case, (records, expected) in refused.items():
             response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records},
                                      timeout=120)
@@ -298,6 +305,16 @@ _REGISTER = """
 import sys, time
 from pathlib import Path
 from fusionops.config import Params
+def test_pyfunc_takes_image_bytes_raw_or_as_base64_text(history, world):
+    model = load_pyfunc(f"models:/{NAME}/{history['v2']}", world["params"])
+    item = world["prepared"].iloc[0]
+    data = (Path(world["params"].data.images_root) / item["image"]).read_bytes()
+    frame = pd.DataFrame({"image_bytes": [data, base64.b64encode(data).decode(), None], "text": [item["text"]] * 3})
+    out = model.predict(frame)
+    assert out["modalities"].tolist() == ["image+text", "image+text", "text"]
+    assert out["probabilities"][0] == pytest.approx(out["probabilities"][1])
+
+
 from fusionops.registry import register
 import mlflow  # imported before the barrier: the two registrations themselves overlap
 params = Params.model_validate_json(Path(sys.argv[1]).read_text())
