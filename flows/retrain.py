@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
-from training_pipeline import run_from_terminal, training_pipeline  # noqa: E402
+from training_pipeline import gate_line, run_from_terminal, training_pipeline  # noqa: E402
 
 
 def _params(project_dir: Path):
@@ -173,8 +173,7 @@ def _summary(result: dict) -> str:
     if training := result.get("training"):
         gate, test = training["promotion"], training["metrics"]["test"]
         lines.append(f"  trained version {training['registered']['version']}: test accuracy {test['accuracy']:.4f}, "
-                     f"macro-F1 {test['macro_f1']:.4f}; gate: {gate['decision']} (champion: version "
-                     f"{gate['champion']})")
+                     f"macro-F1 {test['macro_f1']:.4f}; gate {gate_line(gate)}")
     lines.append(f"  data version: {result['data_version']}")
     return "\n".join(lines)
 

@@ -118,6 +118,13 @@ Stages:
     return markdown
 
 
+def gate_line(gate: dict) -> str:
+    """The gate's decision in one line: why, and who is champion now."""
+    if gate["decision"] == "unchanged":
+        return f"unchanged: {gate['reason']}"
+    return f"{gate['decision']}: {gate['reason']}; champion is version {gate['champion']}"
+
+
 def _registered(reg: dict) -> str:
     return ", ".join(reg["aliases"]) if reg["new"] else "already registered: same weights"
 
@@ -163,7 +170,7 @@ def _summary(project_dir: Path, result: dict) -> str:
         f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} "
         f"({test['items']} test items, label '{params.data.label_column}')",
         f"  model         models:/{reg['name']}/{reg['version']} ({_registered(reg)})",
-        f"  gate          {result['promotion']['decision']}; champion is version {result['promotion']['champion']}",
+        f"  gate          {gate_line(result['promotion'])}",
         f"  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, "
         f"{rel(params.validate_.report)}",
         f"  plots         {rel(params.evaluate.confusion_matrix)}, {rel(params.train.history)} (dvc plots show)",

@@ -21,6 +21,7 @@ from fusionops.errors import DataError, UserError
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+FIRST_CHAMPION = "made champion at registration: there was none"
 BLOCKED = "promotion.blocked"  # set by rollback: the gate never promotes that version again
 
 # What the pyfunc needs at load time, pinned to the versions it was trained with. The encoder weights come from
@@ -244,7 +245,11 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     try:
         _set_alias(client, name, CHALLENGER, number)
         if current_alias_version(client, name, CHAMPION) is None:
+            now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            _record(client, name, number, {"promotion.reason": FIRST_CHAMPION, "promotion.time": now,
+                                           "champion_since": now})
             _set_alias(client, name, CHAMPION, number)
+            _record(client, name, number, {"promotion.decision": "promoted"})
             aliases.append(CHAMPION)
         client.set_terminated(run_id, status="FINISHED")
     except Exception:
@@ -404,15 +409,18 @@ def promote(params: Params) -> dict:
     champion = current_alias_version(client, name, CHAMPION)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if champion == challenger:
+        tags = client.get_model_version(name, champion).tags
+        how = (f"restored by a rollback from version {tags['rollback.from']}" if tags.get("rollback.from")
+               else FIRST_CHAMPION if tags.get("promotion.reason") == FIRST_CHAMPION else "")
         return {"name": name, "decision": "unchanged", "champion": champion, "challenger": challenger,
-                "reason": f"version {challenger} is already the champion"}
+                "reason": f"version {challenger} is already the champion" + (f" ({how})" if how else "")}
     blocked = client.get_model_version(name, challenger).tags.get(BLOCKED)
     if blocked:
         return {"name": name, "decision": "blocked", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} was rolled back ({blocked}): it is never promoted again"}
     if champion is None:
-        _record(client, name, challenger, {"promotion.decision": "promoted", "promotion.reason": "no champion yet",
-                                           "promotion.time": now})
+        _record(client, name, challenger, {"promotion.decision": "promoted",
+                                           "promotion.reason": "there was no champion", "promotion.time": now})
         _set_alias(client, name, CHAMPION, challenger)
         return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
                 "reason": "there was no champion"}
@@ -464,7 +472,7 @@ def rollback(params: Params) -> dict:
     if not previous:
         raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous,
+    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous, "promotion.decision": "rolled back",
                                      BLOCKED: f"rolled back to version {previous} at {now}"})
     _record(client, name, previous, {"rollback.from": champion, "champion_since": now})
     _set_alias(client, name, CHAMPION, previous)

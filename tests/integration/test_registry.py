@@ -102,6 +102,7 @@ def history(world):
     steps["v2"] = _register(world, "good")
     steps["promote_v2"] = promote(world["params"])
     steps["report_v2"] = Path(world["params"].promote.report).read_text()
+    steps["tags_v2"] = _client(world).get_model_version(NAME, "2").tags  # before the rollback below changes them
     steps["v3"] = _register(world, "bad again")
     steps["promote_v3"] = promote(world["params"])
     steps["after_v3"] = _aliases(world)
@@ -110,8 +111,10 @@ def history(world):
     return steps
 
 
-def test_first_version_becomes_champion(history):
+def test_first_version_becomes_champion(history, world):
     assert history["v1"] == "1" and history["after_v1"] == {"champion": "1", "challenger": "1"}
+    tags = _client(world).get_model_version(NAME, "1").tags
+    assert tags["promotion.decision"] == "promoted" and "at registration" in tags["promotion.reason"]
 
 
 def test_better_challenger_is_promoted(history, world):
@@ -119,7 +122,7 @@ def test_better_challenger_is_promoted(history, world):
     assert result["decision"] == "promoted" and result["champion"] == "2"
     assert result["gate"]["ci_low"] > 0
     assert result["gate"]["challenger"]["macro_f1"] > result["gate"]["champion"]["macro_f1"]
-    tags = _client(world).get_model_version(NAME, "2").tags
+    tags = history["tags_v2"]
     assert tags["promotion.decision"] == "promoted" and tags["previous_champion"] == "1"
     assert float(tags["promotion.ci_low"]) == result["gate"]["ci_low"]
     assert "version 2 PROMOTED" in history["report_v2"]
@@ -134,13 +137,14 @@ def test_worse_challenger_is_not_promoted(history, world):
 def test_rollback_restores_the_previous_champion(history, world):
     assert history["after_rollback"] == {"champion": "1", "challenger": "1"}
     tags = _client(world).get_model_version(NAME, "2").tags
-    assert tags["rollback.to"] == "1" and "promotion.blocked" in tags
+    assert tags["rollback.to"] == "1" and "promotion.blocked" in tags and tags["promotion.decision"] == "rolled back"
     with pytest.raises(UserError, match="no previous champion"):
         rollback(world["params"])  # version 1 was never promoted over anything
 
 
 def test_a_rolled_back_version_is_never_promoted_again(history, world):
-    assert promote(world["params"])["decision"] == "unchanged"  # the challenger is the restored champion
+    unchanged = promote(world["params"])  # the challenger is the restored champion
+    assert unchanged["decision"] == "unchanged" and "restored by a rollback from version 2" in unchanged["reason"]
     assert _register(world, "good") == "2"  # the same weights again: version 2 becomes the challenger...
     result = promote(world["params"])
     assert result["decision"] == "blocked" and _aliases(world)["champion"] == "1"  # ...and stays out
@@ -227,15 +231,15 @@ def test_served_champion_answers_http(history, world):
                                  timeout=120)
         assert response.status_code == 200, response.text
         assert pd.DataFrame(response.json()["predictions"])["modalities"].tolist() == ["image", "text"]
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": partial},
-                                 timeout=120)
-        assert response.status_code == 400 and "neither an image nor a text (rows 2)" in response.text
-        # A request the model cannot use is refused by name, without a server-side stack trace.
         mixed = [by_bytes[0], {"image_bytes": None, "text": by_bytes[1]["text"]}]  # a null beside bytes: no image
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": mixed},
                                  timeout=120)
         assert response.status_code == 200, response.text
         assert pd.DataFrame(response.json()["predictions"])["modalities"].tolist() == ["image+text", "text"]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": partial},
+                                 timeout=120)
+        assert response.status_code == 400 and "neither an image nor a text (rows 2)" in response.text
+        # A request the model cannot use is refused by name, without a server-side stack trace.
         refused = {"misnamed columns": ([{"img": by_path[0]["image"], "txt": by_path[0]["text"]}],
                                         "none of the columns image, image_bytes, text"),
                    "missing image": ([by_path[0], {"image": "/no/such/image.png", "text": "x"}],
@@ -301,10 +305,6 @@ def test_model_runs_on_the_code_in_its_artifact(history, world, tmp_path):
     assert load_predictor(local, world["params"]).predict([image], [item["text"]])["label"].iloc[0] == label
 
 
-_REGISTER = """
-import sys, time
-from pathlib import Path
-from fusionops.config import Params
 def test_pyfunc_takes_image_bytes_raw_or_as_base64_text(history, world):
     model = load_pyfunc(f"models:/{NAME}/{history['v2']}", world["params"])
     item = world["prepared"].iloc[0]
@@ -315,6 +315,10 @@ def test_pyfunc_takes_image_bytes_raw_or_as_base64_text(history, world):
     assert out["probabilities"][0] == pytest.approx(out["probabilities"][1])
 
 
+_REGISTER = """
+import sys, time
+from pathlib import Path
+from fusionops.config import Params
 from fusionops.registry import register
 import mlflow  # imported before the barrier: the two registrations themselves overlap
 params = Params.model_validate_json(Path(sys.argv[1]).read_text())

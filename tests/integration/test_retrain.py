@@ -106,8 +106,9 @@ def test_each_night_logs_a_short_summary(runs, flows):
     assert summary[0] == f"retrain: retrained ({second['reason']})" and "  added 2026-11-02: 24 rows" in summary
     assert any(line.startswith("  drift: ") and "24 new vs" in line for line in summary)
     version = second["training"]["registered"]["version"]
-    assert any(line.startswith(f"  trained version {version}: test accuracy") and "gate: " in line
-               for line in summary)
+    gate = second["training"]["promotion"]
+    assert any(line.startswith(f"  trained version {version}: test accuracy") and f"; gate {gate['decision']}: "
+               in line and f"{gate['reason']}" in line for line in summary)
     bad = flows._summary(runs["bad"])
     assert "quarantined 2026-11-03: " in bad and "data/quarantine/2026-11-03/validation.json" in bad
 

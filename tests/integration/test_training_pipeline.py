@@ -138,6 +138,8 @@ def test_second_run_skips_stages_and_registers_nothing_new(second_run):
     assert set(second_run["stages"].values()) == {"skipped (up to date)"}
     assert second_run["registered"]["version"] == "1" and second_run["registered"]["new"] is False
     assert second_run["promotion"]["decision"] == "unchanged"
+    assert second_run["promotion"]["reason"] == ("version 1 is already the champion "
+                                                 "(made champion at registration: there was none)")
     assert len(client().search_model_versions(f"name='{MODEL_NAME}'")) == 1
 
 
