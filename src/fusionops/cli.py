@@ -241,6 +241,36 @@ def rollback(params_path: ParamsOption = Path("params.yaml")) -> None:
     out.print(f"{result['name']}: {result['reason']}")
 
 
+@app.command()
+def reproduce(
+    model: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    into: Annotated[Path, typer.Option("--into", help="a new folder for the rebuild (a clone of this repository)")],
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Rebuild a registered model from its lineage (git commit, logged params.yaml and dvc.lock, data version) and
+    check its weights are the registered bytes. Exit 1 when they differ."""
+    from fusionops.reproduce import reproduce as run
+
+    params = load_params(params_path)
+    result = run(model, into, params, Path(params_path).resolve().parent)
+    label = f"{result['name']} version {result['version']}"
+    test, logged = result["metrics"].get("test", {}), result["logged_metrics"]
+    scores = (f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} (registered: "
+              f"{logged.get('test.accuracy', float('nan')):.4f}, {logged.get('test.macro_f1', float('nan')):.4f})"
+              if "accuracy" in test else "")
+    where = (f"commit {result['git_commit'][:12]}{' + uncommitted changes' if result['git_dirty'] else ''}, "
+             f"data {result['data_version']}")
+    if result["identical"]:
+        out.print(f"reproduced {label} in {_rel(result['folder'])} ({where}): weights identical, sha256 "
+                  f"{result['sha256'][:16]}; {scores}", highlight=False)
+        return
+    dirty = (" The version was trained with uncommitted changes (git_dirty): code changes that were not committed "
+             "cannot be restored." if result["git_dirty"] else "")
+    raise UserError(f"rebuilt {label} in {_rel(result['folder'])} ({where}), but its weights differ: sha256 "
+                    f"{result['sha256'][:16]}, registered {str(result['registered_sha256'])[:16]}; {scores}.{dirty} "
+                    "Other library versions (torch, timm, transformers) or another machine can change the bytes too.")
+
+
 def _params_or_default(params_path: Path | None) -> Params:
     """--params when given, else ./params.yaml when there is one, else the defaults."""
     if params_path is None:

@@ -279,17 +279,49 @@ def load_pyfunc(model_uri: str, params: Params):
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar repainted in logs and pipes
+    _store_holds(model_uri, params)
+    _client(params)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise UserError(f"cannot load model {model_uri} from {tracking_uri(params)}: {err.message}") from None
+
+
+def _store_holds(model_uri: str, params: Params) -> None:
+    """A models:/ or runs:/ URI needs a store: a sqlite file that does not exist is a mistake, not an empty store."""
     store = _sqlite_file(tracking_uri(params))
     registry_elsewhere = model_uri.startswith("models:/") and os.environ.get("MLFLOW_REGISTRY_URI")
     if model_uri.startswith(("models:/", "runs:/")) and store and not store.is_file() and not registry_elsewhere:
         raise UserError(f"no MLflow store here: {store.resolve()} does not exist, so {model_uri} cannot be found. "
                         "Run from the project folder (where params.yaml is), give --params, or set "
                         "MLFLOW_TRACKING_URI to the store that holds the model")
-    _client(params)
+
+
+def model_lineage(model_uri: str, params: Params, dst: Path) -> dict:
+    """What a registered version was made from: its lineage tags, its run's metrics, and the params.yaml and
+    dvc.lock its run logged (downloaded into `dst`). `model_uri`: models:/NAME/VERSION or models:/NAME@ALIAS."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    if not model_uri.startswith("models:/"):
+        raise UserError(f"{model_uri} is not a registered model: give models:/NAME/VERSION or models:/NAME@ALIAS")
+    _store_holds(model_uri, params)
+    client, uri = _client(params)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        name, number = get_model_name_and_version(client, model_uri)
+        version = client.get_model_version(name, number)
+        run = client.get_run(version.run_id)
+        logged = {a.path for a in client.list_artifacts(version.run_id, "reports")}
+        missing = [f for f in ("params.yaml", "dvc.lock") if f"reports/{f}" not in logged]
+        if missing:
+            raise UserError(f"{name} version {number} has no {' or '.join(missing)} logged with its run: it was not "
+                            "registered by `fusionops register`, so its lineage is not known")
+        files = {f: Path(client.download_artifacts(version.run_id, f"reports/{f}", str(dst)))
+                 for f in ("params.yaml", "dvc.lock")}
     except MlflowException as err:
-        raise UserError(f"cannot load model {model_uri} from {tracking_uri(params)}: {err.message}") from None
+        raise UserError(f"cannot read {model_uri} from {uri}: {err.message}") from None
+    return {"name": name, "version": str(number), "tags": dict(version.tags), "metrics": dict(run.data.metrics),
+            "params": files["params.yaml"], "dvc_lock": files["dvc.lock"]}
 
 
 def register_trained_model(params: Params, root: Path) -> dict:

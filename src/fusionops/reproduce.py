@@ -1,0 +1,154 @@
+"""Rebuild a registered model from its lineage, in a folder of its own, and check the weights are the same bytes.
+
+A version records the git commit of the code, and its run logged the params.yaml and dvc.lock it was made with
+(dvc.lock names the data version, its hash in the DVC cache). That is enough even for a model the nightly retrain
+made on data added after the last commit: the folder gets the commit's code, the logged params.yaml and dvc.lock,
+and the data version from the project's DVC cache (or its remote); `dvc repro` then runs every stage again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from fusionops.config import Params, load_params
+from fusionops.errors import UserError
+from fusionops.features.image import sha256_file
+from fusionops.models import WEIGHTS_FILE
+from fusionops.train import model_dir
+from fusionops.versioning import dvc
+
+log = logging.getLogger(__name__)
+
+
+def _git(*args: str, cwd: Path) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"`git {' '.join(args)}` failed in {cwd}:\n{(result.stderr or result.stdout).strip()}")
+    return result.stdout.strip()
+
+
+def _data_entry(lock: Path, data_dir: str) -> dict:
+    """The data folder's entry in a dvc.lock: the hash, size and file count the stages read."""
+    for stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
+        for dep in stage.get("deps", []):
+            if dep.get("path") == data_dir and dep.get("md5"):
+                return {k: dep[k] for k in ("md5", "size", "nfiles", "hash") if k in dep}
+    raise UserError(f"the logged dvc.lock has no entry for {data_dir}: the model's data version is not known")
+
+
+def _pin_data(work: Path, data_dir: str, entry: dict) -> None:
+    """Point the data folder's .dvc file at the version in `entry` (the one the model was trained on)."""
+    dvc_file = work / f"{data_dir}.dvc"
+    if not dvc_file.is_file():
+        raise UserError(f"{data_dir}.dvc is not in the model's commit: its data was not versioned with DVC")
+    spec = yaml.safe_load(dvc_file.read_text()) or {}
+    name = Path(data_dir).name
+    outs = [o for o in spec.get("outs", []) if o.get("path") != name]
+    spec["outs"] = [{**entry, "path": name}, *outs]
+    dvc_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _restore_data(work: Path, data_dir: str, version: str, cache: str) -> None:
+    """Check the data version out of the project's DVC cache, else pull it from the DVC remote."""
+    try:
+        dvc("checkout", "--quiet", f"{data_dir}.dvc", cwd=work)
+        return
+    except UserError as missing:
+        log.info("data version %s is not in %s: pulling it from the DVC remote", version, cache)
+        try:
+            dvc("pull", "--quiet", f"{data_dir}.dvc", cwd=work)
+        except UserError as err:
+            raise UserError(f"data version {version} is neither in the DVC cache ({cache}) nor on a DVC remote "
+                            f"that answers, so the model cannot be rebuilt:\n{missing}\n{err}") from None
+
+
+def _share_feature_cache(project: Params, logged: Params, work: Path) -> None:
+    """The feature cache is content-addressed and safe for concurrent writers: the rebuild reads the project's."""
+    cache = Path(logged.features.cache_dir)
+    source = Path(project.features.cache_dir)
+    if cache.is_relative_to(work) and source.is_dir() and not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict:
+    """Rebuild the registered version behind `model_uri` in the new folder `into` (a clone of the project's git
+    repository) and compare its weights with the registered ones. `params`, `project`: the current project's.
+
+    The stages run the commit's own code when the commit holds it (src/fusionops), else the installed fusionops;
+    the installed libraries (torch, ...) are this environment's.
+    """
+    from fusionops.registry import model_lineage
+
+    into = Path(into).resolve()
+    if into.exists() and (not into.is_dir() or any(into.iterdir())):
+        raise UserError(f"{into} exists and is not an empty folder: give a new folder for the rebuild")
+    project = Path(project).resolve()
+    if into.is_relative_to(project):
+        raise UserError(f"{into} is inside the project: give a folder outside it (e.g. ../rebuild), where the "
+                        "rebuild's own dvc.yaml and outputs cannot be taken for the project's")
+    with tempfile.TemporaryDirectory() as tmp:
+        lineage = model_lineage(model_uri, params, Path(tmp))
+        label = f"{lineage['name']} version {lineage['version']}"
+        commit = lineage["tags"].get("git_commit")
+        if not commit:
+            raise UserError(f"{label} records no git commit (it was trained outside a git repository): "
+                            "its code cannot be checked out")
+        top = Path(_git("rev-parse", "--show-toplevel", cwd=project)).resolve()
+        if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=top,
+                          capture_output=True).returncode != 0:
+            raise UserError(f"{label} was trained on commit {commit}, which this repository ({top}) does not have: "
+                            "fetch it from the repository it was made in")
+        created = not into.exists()
+        try:
+            work, logged, data = _prepare_folder(lineage, label, commit, project, top, into)
+            _share_feature_cache(params, logged, work)
+        except BaseException:
+            shutil.rmtree(into, ignore_errors=True)  # nothing half-made is left: the same command can run again
+            if not created:
+                into.mkdir()
+            raise
+    # Every stage runs again: neither DVC's run cache nor an up-to-date output may stand in for the rebuild.
+    src = work / "src"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if (src / "fusionops" / "__init__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+    if subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--quiet"], cwd=work,
+                      env=env).returncode != 0:
+        raise UserError(f"`dvc repro` failed in {work} (its output is above); the folder is left as it is")
+    weights = model_dir(logged.train.out_dir) / WEIGHTS_FILE
+    rebuilt, registered = sha256_file(weights), lineage["tags"].get("model_sha256")
+    return {"name": lineage["name"], "version": lineage["version"], "folder": work, "git_commit": commit,
+            "git_dirty": lineage["tags"].get("git_dirty") == "true", "data_version": data, "weights": weights,
+            "sha256": rebuilt, "registered_sha256": registered, "identical": rebuilt == registered,
+            "metrics": json.loads(Path(logged.evaluate.metrics).read_text()), "logged_metrics": lineage["metrics"]}
+
+
+def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: Path,
+                    into: Path) -> tuple[Path, Params, str]:
+    """The commit checked out, the logged params.yaml and dvc.lock in place, the data version restored."""
+    _git("clone", "--quiet", "--no-checkout", str(top), str(into), cwd=top)
+    _git("-c", "advice.detachedHead=false", "checkout", "--quiet", commit, cwd=into)
+    work = into / project.relative_to(top)
+    shutil.copyfile(lineage["params"], work / "params.yaml")  # as logged: what the stages ran with, committed or not
+    shutil.copyfile(lineage["dvc_lock"], work / "dvc.lock")
+    logged = load_params(work / "params.yaml")
+    data_dir = Path(logged.data.images_root).relative_to(work).as_posix()
+    entry = _data_entry(work / "dvc.lock", data_dir)
+    tagged = lineage["tags"].get("data_version")
+    if tagged and tagged != entry["md5"]:
+        raise UserError(f"{label}: its data_version tag ({tagged}) is not the data its dvc.lock names ({entry['md5']})")
+    _pin_data(work, data_dir, entry)
+    cache = dvc("cache", "dir", cwd=project).strip()
+    dvc("cache", "dir", "--local", cache, cwd=work)  # the data version is looked up in the project's DVC cache
+    _restore_data(work, data_dir, entry["md5"], cache)
+    return work, logged, entry["md5"]
