@@ -165,6 +165,16 @@ def test_a_model_without_a_usable_index_still_explains(tmp_path, folders, items,
     assert "no neighbour index" in warnings[0] and "does not belong" in warnings[1]
 
 
+def test_a_trained_folder_is_served_as_params_say(folders):
+    import torch
+
+    quantized = Params().model_copy(update={"registry": Params().registry.model_copy(update={"quantize": True})})
+    heads = {q: load_predictor(str(folders["concat"]), p).head for q, p in ((False, Params()), (True, quantized))}
+    int8 = torch.ao.nn.quantized.dynamic.Linear
+    assert not any(isinstance(m, int8) for m in heads[False].modules())
+    assert any(isinstance(m, int8) for m in heads[True].modules())
+
+
 def test_an_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="neither a model folder nor an MLflow model URI"):
         load_predictor(str(tmp_path / "nope"), Params())
