@@ -117,8 +117,8 @@ def _markdown(result: dict) -> str:
     if training:
         gate, test = training["promotion"], training["metrics"]["test"]
         lines += ["", f"Trained: test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
-                      f"model version {training['registered']['version']}; gate: **{gate['decision']}** "
-                      f"(champion: version {gate['champion']}). {gate['reason']}."]
+                      f"model version {training['registered']['version']}; gate: "
+                      f"{gate_line(gate, training['registered'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +173,7 @@ def _summary(result: dict) -> str:
     if training := result.get("training"):
         gate, test = training["promotion"], training["metrics"]["test"]
         lines.append(f"  trained version {training['registered']['version']}: test accuracy {test['accuracy']:.4f}, "
-                     f"macro-F1 {test['macro_f1']:.4f}; gate {gate_line(gate)}")
+                     f"macro-F1 {test['macro_f1']:.4f}; gate {gate_line(gate, training['registered'])}")
     lines.append(f"  data version: {result['data_version']}")
     return "\n".join(lines)
 

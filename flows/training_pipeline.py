@@ -109,7 +109,7 @@ def _report(project_dir: Path, metrics: dict, stages: dict[str, str], registered
 {table}
 
 Model: **{registered['name']}** version **{registered['version']}** ({_registered(registered)}).
-Promotion gate: **{gate['decision']}** (champion: version {gate['champion']}). {gate['reason']}.
+Promotion gate: {gate_line(gate, registered)}.
 Data version (DVC): `{data_version(project_dir, params.data.images_root)}`; label column `{params.data.label_column}`.
 
 Stages:
@@ -118,8 +118,10 @@ Stages:
     return markdown
 
 
-def gate_line(gate: dict) -> str:
+def gate_line(gate: dict, registered: dict) -> str:
     """The gate's decision in one line: why, and who is champion now."""
+    if registered["new"] and "champion" in registered["aliases"]:
+        return f"nothing to compare: version {registered['version']} is the first, champion since its registration"
     if gate["decision"] == "unchanged":
         return f"unchanged: {gate['reason']}"
     return f"{gate['decision']}: {gate['reason']}; champion is version {gate['champion']}"
@@ -170,7 +172,7 @@ def _summary(project_dir: Path, result: dict) -> str:
         f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} "
         f"({test['items']} test items, label '{params.data.label_column}')",
         f"  model         models:/{reg['name']}/{reg['version']} ({_registered(reg)})",
-        f"  gate          {gate_line(result['promotion'])}",
+        f"  gate          {gate_line(result['promotion'], reg)}",
         f"  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, "
         f"{rel(params.validate_.report)}",
         f"  plots         {rel(params.evaluate.confusion_matrix)}, {rel(params.train.history)} (dvc plots show)",

@@ -248,7 +248,8 @@ def reproduce(
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Rebuild a registered model from its lineage (git commit, logged params.yaml and dvc.lock, data version) and
-    check its weights are the registered bytes. Exit 1 when they differ."""
+    check its weights are the registered bytes. Exit 0 when they are, 3 when they differ, 1 when it cannot run."""
+    from fusionops.reproduce import NotReproduced
     from fusionops.reproduce import reproduce as run
 
     params = load_params(params_path)
@@ -258,17 +259,20 @@ def reproduce(
     scores = (f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} (registered: "
               f"{logged.get('test.accuracy', float('nan')):.4f}, {logged.get('test.macro_f1', float('nan')):.4f})"
               if "accuracy" in test else "")
-    where = (f"commit {result['git_commit'][:12]}{' + uncommitted changes' if result['git_dirty'] else ''}, "
-             f"data {result['data_version']}")
+    code = result["uncommitted_code"]
+    where = f"commit {result['git_commit'][:12]}, data {result['data_version']}"
+    if code:
+        err.print(f"note: {label} was trained with uncommitted code changes ({code}): the rebuild runs the code as "
+                  "committed", highlight=False)
     if result["identical"]:
         out.print(f"reproduced {label} in {_rel(result['folder'])} ({where}): weights identical, sha256 "
                   f"{result['sha256'][:16]}; {scores}", highlight=False)
         return
-    dirty = (" The version was trained with uncommitted changes (git_dirty): code changes that were not committed "
-             "cannot be restored." if result["git_dirty"] else "")
-    raise UserError(f"rebuilt {label} in {_rel(result['folder'])} ({where}), but its weights differ: sha256 "
-                    f"{result['sha256'][:16]}, registered {str(result['registered_sha256'])[:16]}; {scores}.{dirty} "
-                    "Other library versions (torch, timm, transformers) or another machine can change the bytes too.")
+    dirty = f" Its code had uncommitted changes ({code}), which no commit holds." if code else ""
+    raise NotReproduced(f"rebuilt {label} in {_rel(result['folder'])} ({where}), but its weights differ: sha256 "
+                        f"{result['sha256'][:16]}, registered {str(result['registered_sha256'])[:16]}; {scores}."
+                        f"{dirty} Other library versions (torch, timm, transformers) or another machine can change "
+                        "the bytes too.")
 
 
 def _params_or_default(params_path: Path | None) -> Params:

@@ -22,6 +22,23 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
     return sha.stdout.strip(), bool(status.stdout.strip())
 
 
+def uncommitted_code(root: Path, logged: list[Path]) -> list[str] | None:
+    """Tracked files under `root` changed since the last commit, leaving out what a run logs or DVC versions or
+    configures (params.yaml, dvc.lock, *.dvc files, .dvc/, .gitignore files, and the `logged` folders such as
+    reports/): the changes a rebuild from the commit cannot restore. None outside a git repository."""
+    try:
+        changed = subprocess.run(["git", "diff", "HEAD", "--name-only", "--relative"], cwd=root, capture_output=True,
+                                 text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    root = Path(root).resolve()
+    folders = [Path(f).resolve() for f in logged]
+    return [path for path in filter(None, changed)
+            if path not in ("params.yaml", "dvc.lock") and not path.endswith((".dvc", ".gitignore"))
+            and not path.startswith(".dvc/")
+            and not any((root / path).resolve().is_relative_to(f) for f in folders)]
+
+
 def data_version(root: Path, data_dir: Path, *, used: bool = True) -> str | None:
     """The DVC hash of `data_dir`: by default the one the stages used (dvc.lock), else the one in its .dvc file.
 

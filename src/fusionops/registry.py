@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 FIRST_CHAMPION = "made champion at registration: there was none"
+CHAMPION_BY = "champion_by"  # how the version last became champion: registration, the gate or a rollback
 BLOCKED = "promotion.blocked"  # set by rollback: the gate never promotes that version again
 
 # What the pyfunc needs at load time, pinned to the versions it was trained with. The encoder weights come from
@@ -247,7 +248,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         if current_alias_version(client, name, CHAMPION) is None:
             now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _record(client, name, number, {"promotion.reason": FIRST_CHAMPION, "promotion.time": now,
-                                           "champion_since": now})
+                                           "champion_since": now, CHAMPION_BY: FIRST_CHAMPION})
             _set_alias(client, name, CHAMPION, number)
             _record(client, name, number, {"promotion.decision": "promoted"})
             aliases.append(CHAMPION)
@@ -300,16 +301,22 @@ def _store_holds(model_uri: str, params: Params) -> None:
 def model_lineage(model_uri: str, params: Params, dst: Path) -> dict:
     """What a registered version was made from: its lineage tags, its run's metrics, and the params.yaml and
     dvc.lock its run logged (downloaded into `dst`). `model_uri`: models:/NAME/VERSION or models:/NAME@ALIAS."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    import re
 
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"{model_uri} is not a registered model: give models:/NAME/VERSION or models:/NAME@ALIAS")
+    from mlflow.exceptions import MlflowException
+
+    named = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))", model_uri)
+    if not named:
+        raise UserError(f"{model_uri} does not name a registered version: give models:/NAME/VERSION or "
+                        "models:/NAME@ALIAS")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar repainted in logs and pipes
     _store_holds(model_uri, params)
     client, uri = _client(params)
+    name, number, alias = named.groups()
     try:
-        name, number = get_model_name_and_version(client, model_uri)
-        version = client.get_model_version(name, number)
+        version = (client.get_model_version(name, number) if number
+                   else client.get_model_version_by_alias(name, alias))
+        number = str(version.version)
         run = client.get_run(version.run_id)
         logged = {a.path for a in client.list_artifacts(version.run_id, "reports")}
         missing = [f for f in ("params.yaml", "dvc.lock") if f"reports/{f}" not in logged]
@@ -319,9 +326,24 @@ def model_lineage(model_uri: str, params: Params, dst: Path) -> dict:
         files = {f: Path(client.download_artifacts(version.run_id, f"reports/{f}", str(dst)))
                  for f in ("params.yaml", "dvc.lock")}
     except MlflowException as err:
-        raise UserError(f"cannot read {model_uri} from {uri}: {err.message}") from None
+        raise UserError(f"cannot read {model_uri} from {uri}: {err.message}{_versions_of(client, name)}") from None
     return {"name": name, "version": str(number), "tags": dict(version.tags), "metrics": dict(run.data.metrics),
             "params": files["params.yaml"], "dvc_lock": files["dvc.lock"]}
+
+
+def _versions_of(client, name: str) -> str:
+    """What the registry holds under `name`, for an error message: its versions and aliases."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        aliases = client.get_registered_model(name).aliases if versions else {}
+    except MlflowException:
+        return ""
+    if not versions:
+        return f" ({name} has no version)"
+    named = ", ".join(f"@{a} = {v}" for a, v in sorted(aliases.items()))
+    return f" ({name} has versions {', '.join(map(str, versions))}{'; ' + named if named else ''})"
 
 
 def register_trained_model(params: Params, root: Path) -> dict:
@@ -331,7 +353,7 @@ def register_trained_model(params: Params, root: Path) -> dict:
     import pandas as pd
 
     from fusionops.data.manifest import read_manifest
-    from fusionops.lineage import data_version, git_commit
+    from fusionops.lineage import data_version, git_commit, uncommitted_code
     from fusionops.train import model_dir
 
     folder = model_dir(params.train.out_dir)
@@ -341,9 +363,12 @@ def register_trained_model(params: Params, root: Path) -> dict:
     metrics = json.loads(Path(params.evaluate.metrics).read_text())
     config = json.loads((folder / "config.json").read_text())
     commit, dirty = git_commit(root)
+    code = uncommitted_code(root, [Path(params.evaluate.metrics).parent])
     tags = {
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
+        # what a rebuild from the commit cannot restore (params.yaml, dvc.lock, the data and reports are logged)
+        "uncommitted_code": None if code is None else ", ".join(code)[:500],  # "" when there is none
         "data_version": data_version(root, params.data.images_root),
         "params_hash": params.digest(),
         "label_column": params.data.label_column,
@@ -441,9 +466,7 @@ def promote(params: Params) -> dict:
     champion = current_alias_version(client, name, CHAMPION)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if champion == challenger:
-        tags = client.get_model_version(name, champion).tags
-        how = (f"restored by a rollback from version {tags['rollback.from']}" if tags.get("rollback.from")
-               else FIRST_CHAMPION if tags.get("promotion.reason") == FIRST_CHAMPION else "")
+        how = client.get_model_version(name, champion).tags.get(CHAMPION_BY)
         return {"name": name, "decision": "unchanged", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} is already the champion" + (f" ({how})" if how else "")}
     blocked = client.get_model_version(name, challenger).tags.get(BLOCKED)
@@ -451,9 +474,10 @@ def promote(params: Params) -> dict:
         return {"name": name, "decision": "blocked", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} was rolled back ({blocked}): it is never promoted again"}
     if champion is None:
-        _record(client, name, challenger, {"promotion.decision": "promoted",
-                                           "promotion.reason": "there was no champion", "promotion.time": now})
+        _record(client, name, challenger, {"promotion.reason": "there was no champion", "promotion.time": now,
+                                           "champion_since": now, CHAMPION_BY: "promoted when there was no champion"})
         _set_alias(client, name, CHAMPION, challenger)
+        _record(client, name, challenger, {"promotion.decision": "promoted"})
         return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
                 "reason": "there was no champion"}
 
@@ -480,7 +504,8 @@ def promote(params: Params) -> dict:
     })
     if result.promote:
         # MLflow keeps no alias history: the previous champion is remembered on the new one, for rollback.
-        _record(client, name, challenger, {"previous_champion": champion, "champion_since": now})
+        _record(client, name, challenger, {"previous_champion": champion, "champion_since": now,
+                                           CHAMPION_BY: f"promoted over version {champion} by the gate"})
         _set_alias(client, name, CHAMPION, challenger)
     # The decision is recorded once it holds: a failed alias move never leaves a version tagged "promoted".
     _record(client, name, challenger, {"promotion.decision": decision})
@@ -504,12 +529,15 @@ def rollback(params: Params) -> dict:
     if not previous:
         raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous, "promotion.decision": "rolled back",
-                                     BLOCKED: f"rolled back to version {previous} at {now}"})
-    _record(client, name, previous, {"rollback.from": champion, "champion_since": now})
+    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous})
+    _record(client, name, previous, {"rollback.from": champion, "champion_since": now,
+                                     CHAMPION_BY: f"restored by a rollback from version {champion}"})
     _set_alias(client, name, CHAMPION, previous)
     # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
     _set_alias(client, name, CHALLENGER, previous)
+    # Recorded once the aliases have moved: a failed move leaves no version tagged as rolled back.
+    _record(client, name, champion, {"promotion.decision": "rolled back",
+                                     BLOCKED: f"rolled back to version {previous} at {now}"})
     reason = f"champion moved back from version {champion} to version {previous}"
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.info("%s: %s", name, reason)

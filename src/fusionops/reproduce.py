@@ -19,14 +19,20 @@ from pathlib import Path
 
 import yaml
 
-from fusionops.config import Params, load_params
+from fusionops.config import Params, RemoteParams, load_params
 from fusionops.errors import UserError
 from fusionops.features.image import sha256_file
 from fusionops.models import WEIGHTS_FILE
 from fusionops.train import model_dir
-from fusionops.versioning import dvc
+from fusionops.versioning import configure_remote, dvc
 
 log = logging.getLogger(__name__)
+
+
+class NotReproduced(UserError):
+    """The rebuild ran, and its weights are not the registered bytes."""
+
+    exit_code = 3
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -57,18 +63,37 @@ def _pin_data(work: Path, data_dir: str, entry: dict) -> None:
     dvc_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def _restore_data(work: Path, data_dir: str, version: str, cache: str) -> None:
+def _remote(work: Path, project: Path, logged: Params) -> str | None:
+    """The DVC remote to pull from: the one the version's params name, else the project's default remote (set up
+    after the commit, or by hand in .dvc/config.local), made the clone's default."""
+    if logged.remote.url is not None:
+        return configure_remote(work, logged.remote)
+    name = configure_remote(project, RemoteParams())  # only reads the project's default remote
+    if name is None:
+        return None
+    urls = dict(line.split(None, 1) for line in dvc("remote", "list", cwd=project).splitlines() if line.strip())
+    dvc("remote", "add", "--local", "--default", "--force", name, urls[name].split()[0], cwd=work)
+    return name
+
+
+def _restore_data(work: Path, project: Path, logged: Params, data_dir: str, version: str, cache: str) -> None:
     """Check the data version out of the project's DVC cache, else pull it from the DVC remote."""
     try:
-        dvc("checkout", "--quiet", f"{data_dir}.dvc", cwd=work)
+        dvc("checkout", f"{data_dir}.dvc", cwd=work)
         return
-    except UserError as missing:
-        log.info("data version %s is not in %s: pulling it from the DVC remote", version, cache)
+    except UserError:
+        pass
+    name = _remote(work, project, logged)
+    where = f"nor on the DVC remote {name!r}" if name else "and no DVC remote is configured"
+    if name:
+        log.info("data version %s is not in %s: pulling it from the DVC remote %s", version, cache, name)
         try:
-            dvc("pull", "--quiet", f"{data_dir}.dvc", cwd=work)
+            dvc("pull", f"{data_dir}.dvc", cwd=work)
+            return
         except UserError as err:
-            raise UserError(f"data version {version} is neither in the DVC cache ({cache}) nor on a DVC remote "
-                            f"that answers, so the model cannot be rebuilt:\n{missing}\n{err}") from None
+            where += f" ({str(err).splitlines()[-1].strip()})"
+    raise UserError(f"data version {version} is not in the project's DVC cache ({cache}) {where}: the model cannot "
+                    "be rebuilt without its data (was the cache garbage-collected, or the data never pushed?)")
 
 
 def _share_feature_cache(project: Params, logged: Params, work: Path) -> None:
@@ -117,20 +142,38 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
             if not created:
                 into.mkdir()
             raise
-    # Every stage runs again: neither DVC's run cache nor an up-to-date output may stand in for the rebuild.
+    # Every stage runs again: neither DVC's run cache nor an up-to-date output may stand in for the rebuild; and
+    # nothing of it is saved in the project's DVC cache (--no-commit: no outputs, no run-cache entries).
     src = work / "src"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if (src / "fusionops" / "__init__.py").is_file():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
-    if subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--quiet"], cwd=work,
-                      env=env).returncode != 0:
+    repro = [sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--no-commit", "--quiet"]
+    try:
+        failed = subprocess.run(repro, cwd=work, env=env).returncode != 0
+    except KeyboardInterrupt:
+        shutil.rmtree(into, ignore_errors=True)
+        if not created:
+            into.mkdir()
+        interrupted = UserError(f"interrupted: the half-built {into} was removed")
+        interrupted.exit_code = 130
+        raise interrupted from None
+    if failed:
         raise UserError(f"`dvc repro` failed in {work} (its output is above); the folder is left as it is")
     weights = model_dir(logged.train.out_dir) / WEIGHTS_FILE
     rebuilt, registered = sha256_file(weights), lineage["tags"].get("model_sha256")
     return {"name": lineage["name"], "version": lineage["version"], "folder": work, "git_commit": commit,
-            "git_dirty": lineage["tags"].get("git_dirty") == "true", "data_version": data, "weights": weights,
+            "uncommitted_code": _uncommitted_code(lineage["tags"]), "data_version": data, "weights": weights,
             "sha256": rebuilt, "registered_sha256": registered, "identical": rebuilt == registered,
             "metrics": json.loads(Path(logged.evaluate.metrics).read_text()), "logged_metrics": lineage["metrics"]}
+
+
+def _uncommitted_code(tags: dict) -> str | None:
+    """The code changes the version was trained with that no commit holds; for a version registered before
+    fusionops recorded them, any uncommitted change at all (git_dirty)."""
+    if "uncommitted_code" in tags:
+        return tags["uncommitted_code"] or None
+    return "unknown files (git_dirty)" if tags.get("git_dirty") == "true" else None
 
 
 def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: Path,
@@ -142,6 +185,9 @@ def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: 
     shutil.copyfile(lineage["params"], work / "params.yaml")  # as logged: what the stages ran with, committed or not
     shutil.copyfile(lineage["dvc_lock"], work / "dvc.lock")
     logged = load_params(work / "params.yaml")
+    if not Path(logged.data.images_root).is_relative_to(work):
+        raise UserError(f"{label} read its data from {logged.data.images_root}, outside the project: only data "
+                        "versioned with DVC inside the project can be restored")
     data_dir = Path(logged.data.images_root).relative_to(work).as_posix()
     entry = _data_entry(work / "dvc.lock", data_dir)
     tagged = lineage["tags"].get("data_version")
@@ -150,5 +196,5 @@ def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: 
     _pin_data(work, data_dir, entry)
     cache = dvc("cache", "dir", cwd=project).strip()
     dvc("cache", "dir", "--local", cache, cwd=work)  # the data version is looked up in the project's DVC cache
-    _restore_data(work, data_dir, entry["md5"], cache)
+    _restore_data(work, project, logged, data_dir, entry["md5"], cache)
     return work, logged, entry["md5"]

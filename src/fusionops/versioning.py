@@ -1,6 +1,7 @@
 """Versioning the raw data with DVC, for the commands and flows that change it (ingest, retrain).
 
-The stages never call DVC: DVC calls them. Only adding new data does, through DVC's own command line.
+The stages never call DVC: DVC calls them. Only adding new data and rebuilding a registered version
+(fusionops.reproduce) do, through DVC's own command line.
 """
 
 from __future__ import annotations

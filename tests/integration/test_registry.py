@@ -103,6 +103,7 @@ def history(world):
     steps["promote_v2"] = promote(world["params"])
     steps["report_v2"] = Path(world["params"].promote.report).read_text()
     steps["tags_v2"] = _client(world).get_model_version(NAME, "2").tags  # before the rollback below changes them
+    steps["again_v2"] = promote(world["params"])  # nothing new: the champion stays, and says how it got there
     steps["v3"] = _register(world, "bad again")
     steps["promote_v3"] = promote(world["params"])
     steps["after_v3"] = _aliases(world)
@@ -126,6 +127,8 @@ def test_better_challenger_is_promoted(history, world):
     assert tags["promotion.decision"] == "promoted" and tags["previous_champion"] == "1"
     assert float(tags["promotion.ci_low"]) == result["gate"]["ci_low"]
     assert "version 2 PROMOTED" in history["report_v2"]
+    assert history["again_v2"]["decision"] == "unchanged"
+    assert history["again_v2"]["reason"] == "version 2 is already the champion (promoted over version 1 by the gate)"
 
 
 def test_worse_challenger_is_not_promoted(history, world):

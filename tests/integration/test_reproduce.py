@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,12 @@ def project(tmp_path_factory, slice_dir, demo_manifest):
     """Version 1 trained on the committed data; version 2 by a nightly-style run on a batch ingested since, with
     neither the new data version nor its dvc.lock committed."""
     root = tmp_path_factory.mktemp("reproduce")
-    project = make_project(root / "origin", slice_dir, model_name=NAME,
+    project = make_project(root / "origin", slice_dir, model_name=NAME, remote={"url": str(root / "dvc-store")},
                            registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
     sh(sys.executable, "-m", "dvc", "repro", cwd=project)
     sh(FUSIONOPS, "register", cwd=project)
     batch = write_dataset(take_slice(demo_manifest, 2, skip_groups=20), root / "batch-1")
-    sh(FUSIONOPS, "ingest", str(batch), cwd=project)
+    sh(FUSIONOPS, "ingest", str(batch), cwd=project)  # the new data version is pushed to the DVC remote
     sh(sys.executable, "-m", "dvc", "repro", cwd=project)
     sh(FUSIONOPS, "register", cwd=project)
     return project
@@ -40,9 +41,11 @@ def _client(project):
 
 def test_a_version_trained_on_uncommitted_data_is_rebuilt_byte_for_byte(project, tmp_path):
     v2 = _client(project).get_model_version(NAME, "2")
-    assert v2.tags["git_dirty"] == "true"  # data/raw.dvc and dvc.lock changed since the last commit
+    assert v2.tags["git_dirty"] == "true"  # data/raw.dvc and dvc.lock changed since the last commit...
+    assert v2.tags["uncommitted_code"] == ""  # ...but no code: what changed, the rebuild restores from the logs
     output = sh(FUSIONOPS, "reproduce", f"models:/{NAME}@challenger", "--into", str(tmp_path / "v2"), cwd=project)
     assert f"reproduced {NAME} version 2" in output and "weights identical" in output
+    assert "uncommitted code" not in output
     rebuilt = tmp_path / "v2"
     assert len(pd.read_csv(rebuilt / "data/raw/manifest.csv")) == len(pd.read_csv(project / "data/raw/manifest.csv"))
     assert "0 computed" in output  # the project's feature cache was shared, not recomputed
@@ -66,16 +69,29 @@ def test_weights_that_differ_are_reported(project, tmp_path):
     _client(project).set_model_version_tag(NAME, "1", "model_sha256", "0" * 64)  # as if other bytes were registered
     result = subprocess.run([FUSIONOPS, "reproduce", f"models:/{NAME}/1", "--into", str(tmp_path / "v1")],
                             cwd=project, capture_output=True, text=True)
-    assert result.returncode == 1 and "weights differ" in result.stderr and "registered 0000" in result.stderr
+    assert result.returncode == 3 and "weights differ" in result.stderr and "registered 0000" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_what_cannot_be_reproduced_is_refused_by_name(project, tmp_path):
-    cases = {("runs:/abc/model", tmp_path / "x"): "not a registered model",
-             (f"models:/{NAME}/9", tmp_path / "x"): "cannot read",
+    cases = {("runs:/abc/model", tmp_path / "x"): "does not name a registered version",
+             (f"models:/{NAME}", tmp_path / "x"): "give models:/NAME/VERSION or models:/NAME@ALIAS",
+             (f"models:/{NAME}/9", tmp_path / "x"): f"{NAME} has versions 1, 2; @challenger = 2, @champion = 1",
              (f"models:/{NAME}/1", project / "rebuild"): "is inside the project"}
     for (uri, into), expected in cases.items():
         result = subprocess.run([FUSIONOPS, "reproduce", uri, "--into", str(into)], cwd=project,
                                 capture_output=True, text=True)
         assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, uri
         assert not into.exists()
+
+
+def test_data_only_on_the_remote_is_pulled_and_data_nowhere_is_said(project, tmp_path):
+    shutil.rmtree(project / ".dvc/cache")  # as if the project's DVC cache had been garbage-collected
+    output = sh(FUSIONOPS, "reproduce", f"models:/{NAME}/2", "--into", str(tmp_path / "v2"), cwd=project)
+    assert "weights identical" in output  # its data version came from the remote
+    # Version 1's data was never pushed (the remote came with the batch): it is nowhere now.
+    result = subprocess.run([FUSIONOPS, "reproduce", f"models:/{NAME}/1", "--into", str(tmp_path / "v1")],
+                            cwd=project, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is not in the project's DVC cache" in result.stderr and "nor on the DVC remote" in result.stderr
+    assert not (tmp_path / "v1").exists()  # nothing half-made is left

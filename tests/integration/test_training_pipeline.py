@@ -133,6 +133,16 @@ def test_flow_publishes_a_markdown_report(first_run):
     assert first and "| fusion |" in first[0] and "Data version (DVC)" in first[0]
 
 
+def test_the_summary_says_the_first_version_had_nothing_to_compare_with(first_run, second_run, project,
+                                                                        flow_module):
+    first = flow_module._summary(project, first_run).splitlines()
+    assert ("  gate          nothing to compare: version 1 is the first, champion since its registration"
+            in first)
+    again = flow_module._summary(project, second_run).splitlines()
+    assert ("  gate          unchanged: version 1 is already the champion (made champion at registration: there "
+            "was none)" in again)
+
+
 def test_second_run_skips_stages_and_registers_nothing_new(second_run):
     """Nothing changed: DVC runs no stage, the same weights are not registered twice, the gate has nothing to do."""
     assert set(second_run["stages"].values()) == {"skipped (up to date)"}

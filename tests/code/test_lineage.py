@@ -1,0 +1,38 @@
+"""Lineage read from git and DVC files: which uncommitted changes a rebuild from the commit could not restore."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from fusionops.lineage import git_commit, uncommitted_code
+
+
+def _git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_only_code_changes_count_as_uncommitted_code(tmp_path):
+    files = ["src/model.py", "params.yaml", "dvc.lock", "data/raw.dvc", "data/.gitignore", ".dvc/config",
+             "reports/metrics.json", "dvc.yaml"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("v1\n")
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("commit", "-qm", "v1", cwd=tmp_path)
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == [] and git_commit(tmp_path)[1] is False
+
+    for name in files[1:-1]:  # what a run logs, DVC versions or configures
+        (tmp_path / name).write_text("v2\n")
+    (tmp_path / "untracked.py").write_text("new\n")
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == [] and git_commit(tmp_path)[1] is True
+
+    (tmp_path / "src/model.py").write_text("v2\n")
+    (tmp_path / "dvc.yaml").write_text("v2\n")
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["dvc.yaml", "src/model.py"]
+
+
+def test_outside_a_git_repository_nothing_is_known(tmp_path):
+    assert uncommitted_code(tmp_path, []) is None and git_commit(tmp_path) == (None, False)
