@@ -204,7 +204,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     existing = _already_registered(client, name, tags["model_sha256"])
     if existing is not None:
         _set_alias(client, name, CHALLENGER, existing)
-        log.info("%s version %s already holds these weights: not registered again", name, existing)
+        log.debug("%s version %s already holds these weights: not registered again", name, existing)
         return {"name": name, "version": existing, "run_id": client.get_model_version(name, existing).run_id,
                 "aliases": [CHALLENGER], "new": False, "tracking_uri": uri}
 
@@ -261,7 +261,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
                 _set_alias(client, name, CHALLENGER, previous_challenger)
             client.set_terminated(run_id, status="FAILED")
         raise
-    log.info("registered %s version %s (%s)", name, number, ", ".join(aliases))
+    log.debug("registered %s version %s (%s)", name, number, ", ".join(aliases))
     return {"name": name, "version": number, "run_id": run_id, "aliases": aliases, "new": True,
             "tracking_uri": uri}
 
@@ -509,7 +509,7 @@ def promote(params: Params) -> dict:
         _set_alias(client, name, CHAMPION, challenger)
     # The decision is recorded once it holds: a failed alias move never leaves a version tagged "promoted".
     _record(client, name, challenger, {"promotion.decision": decision})
-    log.info("%s version %s %s: %s", name, challenger, decision, result.reason)
+    log.debug("%s version %s %s: %s", name, challenger, decision, result.reason)
     return {"name": name, "decision": decision, "champion": challenger if result.promote else champion,
             "challenger": challenger, "reason": result.reason, "gate": result.to_dict()}
 
@@ -540,5 +540,5 @@ def rollback(params: Params) -> dict:
                                      BLOCKED: f"rolled back to version {previous} at {now}"})
     reason = f"champion moved back from version {champion} to version {previous}"
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
-    log.info("%s: %s", name, reason)
+    log.debug("%s: %s", name, reason)
     return {"name": name, "decision": "rolled back", "champion": previous, "previous": champion, "reason": reason}
