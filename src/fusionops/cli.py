@@ -261,14 +261,11 @@ def reproduce(
               if "accuracy" in test else "")
     code = result["uncommitted_code"]
     where = f"commit {result['git_commit'][:12]}, data {result['data_version']}"
-    if code:
-        err.print(f"note: {label} was trained with uncommitted code changes ({code}): the rebuild runs the code as "
-                  "committed", highlight=False)
     if result["identical"]:
         out.print(f"reproduced {label} in {_rel(result['folder'])} ({where}): weights identical, sha256 "
                   f"{result['sha256'][:16]}; {scores}", highlight=False)
         return
-    dirty = f" Its code had uncommitted changes ({code}), which no commit holds." if code else ""
+    dirty = f" It was trained with {code}." if code else ""
     raise NotReproduced(f"rebuilt {label} in {_rel(result['folder'])} ({where}), but its weights differ: sha256 "
                         f"{result['sha256'][:16]}, registered {str(result['registered_sha256'])[:16]}; {scores}."
                         f"{dirty} Other library versions (torch, timm, transformers) or another machine can change "

@@ -363,7 +363,8 @@ def register_trained_model(params: Params, root: Path) -> dict:
     metrics = json.loads(Path(params.evaluate.metrics).read_text())
     config = json.loads((folder / "config.json").read_text())
     commit, dirty = git_commit(root)
-    code = uncommitted_code(root, [Path(params.evaluate.metrics).parent])
+    reports = Path(params.evaluate.metrics).parent  # what a run logs; not when that is the project folder itself
+    code = uncommitted_code(root, [reports] if reports.resolve() != Path(root).resolve() else [])
     tags = {
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
@@ -466,7 +467,9 @@ def promote(params: Params) -> dict:
     champion = current_alias_version(client, name, CHAMPION)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if champion == challenger:
-        how = client.get_model_version(name, champion).tags.get(CHAMPION_BY)
+        tags = client.get_model_version(name, champion).tags
+        how = tags.get(CHAMPION_BY) or (  # a champion from before the tag existed
+            f"restored by a rollback from version {tags['rollback.from']}" if tags.get("rollback.from") else "")
         return {"name": name, "decision": "unchanged", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} is already the champion" + (f" ({how})" if how else "")}
     blocked = client.get_model_version(name, challenger).tags.get(BLOCKED)
@@ -529,15 +532,16 @@ def rollback(params: Params) -> dict:
     if not previous:
         raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _record(client, name, champion, {"rollback.time": now, "rollback.to": previous})
+    _set_alias(client, name, CHAMPION, previous)
+    # Recorded once champion has moved (a failed move leaves no version tagged as rolled back), and before anything
+    # else can fail: the rolled-back version is blocked from then on, whatever happens next.
+    _record(client, name, champion, {BLOCKED: f"rolled back to version {previous} at {now}",
+                                     "promotion.decision": "rolled back", "rollback.time": now,
+                                     "rollback.to": previous})
     _record(client, name, previous, {"rollback.from": champion, "champion_since": now,
                                      CHAMPION_BY: f"restored by a rollback from version {champion}"})
-    _set_alias(client, name, CHAMPION, previous)
     # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
     _set_alias(client, name, CHALLENGER, previous)
-    # Recorded once the aliases have moved: a failed move leaves no version tagged as rolled back.
-    _record(client, name, champion, {"promotion.decision": "rolled back",
-                                     BLOCKED: f"rolled back to version {previous} at {now}"})
     reason = f"champion moved back from version {champion} to version {previous}"
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.debug("%s: %s", name, reason)

@@ -8,6 +8,7 @@ and the data version from the project's DVC cache (or its remote); `dvc repro` t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,12 +68,15 @@ def _remote(work: Path, project: Path, logged: Params) -> str | None:
     """The DVC remote to pull from: the one the version's params name, else the project's default remote (set up
     after the commit, or by hand in .dvc/config.local), made the clone's default."""
     if logged.remote.url is not None:
-        return configure_remote(work, logged.remote)
+        url = str(logged.remote.url)
+        if "://" not in url and not Path(url).is_absolute():  # a folder named relative to the project, not the clone
+            url = os.path.normpath(project / url)
+        return configure_remote(work, logged.remote.model_copy(update={"url": url}))
     name = configure_remote(project, RemoteParams())  # only reads the project's default remote
     if name is None:
         return None
-    urls = dict(line.split(None, 1) for line in dvc("remote", "list", cwd=project).splitlines() if line.strip())
-    dvc("remote", "add", "--local", "--default", "--force", name, urls[name].split()[0], cwd=work)
+    url = dvc("config", f"remote.{name}.url", cwd=project).strip()  # a folder comes back as an absolute path
+    dvc("remote", "add", "--local", "--default", "--force", name, url, cwd=work)
     return name
 
 
@@ -81,17 +85,18 @@ def _restore_data(work: Path, project: Path, logged: Params, data_dir: str, vers
     try:
         dvc("checkout", f"{data_dir}.dvc", cwd=work)
         return
-    except UserError:
-        pass
+    except UserError as err:
+        checkout = str(err).splitlines()[-1].strip()
     name = _remote(work, project, logged)
     where = f"nor on the DVC remote {name!r}" if name else "and no DVC remote is configured"
+    where += f" (checkout: {checkout})"
     if name:
         log.info("data version %s is not in %s: pulling it from the DVC remote %s", version, cache, name)
         try:
             dvc("pull", f"{data_dir}.dvc", cwd=work)
             return
         except UserError as err:
-            where += f" ({str(err).splitlines()[-1].strip()})"
+            where += f" (pull: {str(err).splitlines()[-1].strip()})"
     raise UserError(f"data version {version} is not in the project's DVC cache ({cache}) {where}: the model cannot "
                     "be rebuilt without its data (was the cache garbage-collected, or the data never pushed?)")
 
@@ -134,14 +139,24 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
             raise UserError(f"{label} was trained on commit {commit}, which this repository ({top}) does not have: "
                             "fetch it from the repository it was made in")
         created = not into.exists()
+
+        def remove_half_built() -> None:  # nothing half-made is left: the same command can simply run again
+            shutil.rmtree(into, ignore_errors=True)
+            if not created:
+                into.mkdir()
+
         try:
             work, logged, data = _prepare_folder(lineage, label, commit, project, top, into)
             _share_feature_cache(params, logged, work)
+        except KeyboardInterrupt:
+            remove_half_built()
+            raise _interrupted(into) from None
         except BaseException:
-            shutil.rmtree(into, ignore_errors=True)  # nothing half-made is left: the same command can run again
-            if not created:
-                into.mkdir()
+            remove_half_built()
             raise
+    code = _uncommitted_code(lineage["tags"])
+    if code:
+        log.warning("%s was trained with %s: the rebuild runs the code as committed", label, code)
     # Every stage runs again: neither DVC's run cache nor an up-to-date output may stand in for the rebuild; and
     # nothing of it is saved in the project's DVC cache (--no-commit: no outputs, no run-cache entries).
     src = work / "src"
@@ -149,31 +164,52 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     if (src / "fusionops" / "__init__.py").is_file():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     repro = [sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "--no-commit", "--quiet"]
+    # Its own process group: on an interrupt, DVC and the stage it runs are stopped before the folder is removed.
+    process = subprocess.Popen(repro, cwd=work, env=env, start_new_session=True)
     try:
-        failed = subprocess.run(repro, cwd=work, env=env).returncode != 0
+        failed = process.wait() != 0
     except KeyboardInterrupt:
-        shutil.rmtree(into, ignore_errors=True)
-        if not created:
-            into.mkdir()
-        interrupted = UserError(f"interrupted: the half-built {into} was removed")
-        interrupted.exit_code = 130
-        raise interrupted from None
+        _stop_group(process)
+        remove_half_built()
+        raise _interrupted(into) from None
     if failed:
-        raise UserError(f"`dvc repro` failed in {work} (its output is above); the folder is left as it is")
+        raise UserError(f"`dvc repro` failed in {work} (its output is above); the folder is left as it is, for a look")
     weights = model_dir(logged.train.out_dir) / WEIGHTS_FILE
     rebuilt, registered = sha256_file(weights), lineage["tags"].get("model_sha256")
     return {"name": lineage["name"], "version": lineage["version"], "folder": work, "git_commit": commit,
-            "uncommitted_code": _uncommitted_code(lineage["tags"]), "data_version": data, "weights": weights,
+            "uncommitted_code": code, "data_version": data, "weights": weights,
             "sha256": rebuilt, "registered_sha256": registered, "identical": rebuilt == registered,
             "metrics": json.loads(Path(logged.evaluate.metrics).read_text()), "logged_metrics": lineage["metrics"]}
 
 
 def _uncommitted_code(tags: dict) -> str | None:
-    """The code changes the version was trained with that no commit holds; for a version registered before
-    fusionops recorded them, any uncommitted change at all (git_dirty)."""
-    if "uncommitted_code" in tags:
-        return tags["uncommitted_code"] or None
-    return "unknown files (git_dirty)" if tags.get("git_dirty") == "true" else None
+    """The code changes the version was trained with that no commit holds, in words; for a version registered
+    before fusionops recorded them, any uncommitted change (git_dirty), which may or may not have been code."""
+    if tags.get("uncommitted_code"):
+        return f"uncommitted code changes ({tags['uncommitted_code']})"
+    if "uncommitted_code" not in tags and tags.get("git_dirty") == "true":
+        return "uncommitted changes (which files was not recorded; code changes among them cannot be restored)"
+    return None
+
+
+def _interrupted(into: Path) -> UserError:
+    error = UserError(f"interrupted: the half-built {into} was removed")
+    error.exit_code = 130
+    return error
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Interrupt a process group as Ctrl-C would, then kill whatever is still running after 30 s."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: Path,
@@ -185,10 +221,11 @@ def _prepare_folder(lineage: dict, label: str, commit: str, project: Path, top: 
     shutil.copyfile(lineage["params"], work / "params.yaml")  # as logged: what the stages ran with, committed or not
     shutil.copyfile(lineage["dvc_lock"], work / "dvc.lock")
     logged = load_params(work / "params.yaml")
-    if not Path(logged.data.images_root).is_relative_to(work):
-        raise UserError(f"{label} read its data from {logged.data.images_root}, outside the project: only data "
-                        "versioned with DVC inside the project can be restored")
-    data_dir = Path(logged.data.images_root).relative_to(work).as_posix()
+    images_root = Path(os.path.normpath(logged.data.images_root))
+    if not images_root.is_relative_to(work):
+        raise UserError(f"{label} read its data from {images_root}, outside the project (an absolute or ../ path in "
+                        "data.images_root): only data versioned with DVC inside the project can be restored")
+    data_dir = images_root.relative_to(work).as_posix()
     entry = _data_entry(work / "dvc.lock", data_dir)
     tagged = lineage["tags"].get("data_version")
     if tagged and tagged != entry["md5"]:

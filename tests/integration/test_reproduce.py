@@ -22,12 +22,14 @@ def project(tmp_path_factory, slice_dir, demo_manifest):
     """Version 1 trained on the committed data; version 2 by a nightly-style run on a batch ingested since, with
     neither the new data version nor its dvc.lock committed."""
     root = tmp_path_factory.mktemp("reproduce")
-    project = make_project(root / "origin", slice_dir, model_name=NAME, remote={"url": str(root / "dvc-store")},
+    # A folder remote named relative to the project, as a person would write it in params.yaml.
+    project = make_project(root / "origin", slice_dir, model_name=NAME, remote={"url": "../dvc-store"},
                            registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
     sh(sys.executable, "-m", "dvc", "repro", cwd=project)
     sh(FUSIONOPS, "register", cwd=project)
     batch = write_dataset(take_slice(demo_manifest, 2, skip_groups=20), root / "batch-1")
     sh(FUSIONOPS, "ingest", str(batch), cwd=project)  # the new data version is pushed to the DVC remote
+    assert any((root / "dvc-store").rglob("*")), "nothing was pushed"
     sh(sys.executable, "-m", "dvc", "repro", cwd=project)
     sh(FUSIONOPS, "register", cwd=project)
     return project
