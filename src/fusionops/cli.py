@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from fusionops.config import Params, load_params
+from fusionops.config import Params, find_params, load_params
 from fusionops.errors import DataError, UserError
 
 app = typer.Typer(
@@ -27,7 +27,10 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read (paths are relative to it)")]
+ParamsOption = Annotated[Path, typer.Option(
+    "--params", "-p",
+    help="params.yaml to read (paths are relative to it) [default: the nearest, in this folder or above]",
+    show_default=False)]
 
 
 @app.callback()
@@ -36,6 +39,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
     for noisy in ("great_expectations", "urllib3", "httpx", "alembic", "mlflow", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _root(params_path: Path) -> Path:
+    """The project folder: the one holding the params file that is read."""
+    return find_params(params_path).resolve().parent
 
 
 def _rel(path: Path) -> str:
@@ -197,7 +205,7 @@ def finetune(
     if r["val_macro_f1_after"] <= r["val_macro_f1_before"]:
         err.print("[yellow]note:[/] fine-tuning did not beat the frozen backbone on validation; the current "
                   "features.image.weights may be the better choice")
-    root, weights = Path(params_path).resolve().parent, out_path.resolve()
+    root, weights = _root(params_path), out_path.resolve()
     setting = weights.relative_to(root) if weights.is_relative_to(root) else weights
     out.print(f"next: set `features.image.weights: {escape(str(setting))}` in params.yaml and run `dvc repro`; the "
               f"features stage computes vectors under encoder id {r['encoder_id']} (a new cache key space: the "
@@ -211,7 +219,7 @@ def register(params_path: ParamsOption = Path("params.yaml")) -> None:
     from fusionops.registry import register_trained_model
 
     params = load_params(params_path)
-    result = register_trained_model(params, Path(params_path).resolve().parent)
+    result = register_trained_model(params, _root(params_path))
     if result["new"]:
         out.print(f"registered {result['name']} version {result['version']} ({', '.join(result['aliases'])}), "
                   f"run {result['run_id']}")
@@ -253,7 +261,7 @@ def reproduce(
     from fusionops.reproduce import reproduce as run
 
     params = load_params(params_path)
-    result = run(model, into, params, Path(params_path).resolve().parent)
+    result = run(model, into, params, _root(params_path))
     label = f"{result['name']} version {result['version']}"
     test, logged = result["metrics"].get("test", {}), result["logged_metrics"]
     scores = (f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} (registered: "
@@ -273,9 +281,10 @@ def reproduce(
 
 
 def _params_or_default(params_path: Path | None) -> Params:
-    """--params when given, else ./params.yaml when there is one, else the defaults."""
+    """--params when given, else the project's params.yaml (here or in a parent folder) when there is one, else the
+    defaults."""
     if params_path is None:
-        return load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+        return load_params(found) if (found := find_params()).is_file() else Params()
     return load_params(params_path)
 
 
@@ -309,7 +318,8 @@ def predict(
     out_path: Annotated[Path, typer.Option(
         "--out", help="CSV (or .parquet) to write: item_id, prediction, confidence, modalities")],
     params_path: Annotated[Path | None, typer.Option(
-        "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
+        "--params", "-p",
+        help="params.yaml for column names and the tracking URI [default: the project's, here or above, if any]",
     )] = None,
 ) -> None:
     """Predict every row of a manifest with a registered model (or a trained model folder).
@@ -349,7 +359,8 @@ def explain(
     top: Annotated[int, typer.Option(min=1, help="how many classes to show")] = 3,
     neighbours: Annotated[int, typer.Option(min=0, help="how many nearest training items to show")] = 5,
     params_path: Annotated[Path | None, typer.Option(
-        "--params", "-p", help="params.yaml for column names and the tracking URI [default: ./params.yaml if any]",
+        "--params", "-p",
+        help="params.yaml for column names and the tracking URI [default: the project's, here or above, if any]",
     )] = None,
 ) -> None:
     """Explain predictions: top classes, what each modality contributed, the nearest training items.
@@ -405,7 +416,7 @@ def ingest(
     from fusionops.locks import project_lock
 
     params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    root = _root(params_path)
     path = path.resolve()
     if not path.is_dir():
         raise UserError(f"{path} {'is not a folder' if path.exists() else 'does not exist'}: give a batch folder "
@@ -490,7 +501,7 @@ def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
     from fusionops.doctor import run_checks
 
     params = load_params(params_path)  # outside a project: says so (nothing to check against)
-    checks = run_checks(params, Path(params_path).resolve().parent)
+    checks = run_checks(params, _root(params_path))
     table = Table("check", "", "found", "to fix", show_lines=False)
     for c in checks:
         mark = "[red]FAIL[/]" if not (c.ok or c.warning) else "[yellow]note[/]" if c.warning else "[green]ok[/]"
@@ -516,7 +527,7 @@ PrefectPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT"
 def _platform(params_path: Path, **overrides):
     from fusionops.platform import resolve
 
-    params = load_params(params_path) if Path(params_path).is_file() else Params()
+    params = load_params(found) if (found := find_params(params_path)).is_file() else Params()
     return resolve(params.platform, **overrides), params
 
 
@@ -533,7 +544,7 @@ def platform_up(
 
     platform, params = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
                                  prefect_port=prefect_port)
-    for service, state in up(platform, Path(params_path).resolve().parent, params).items():
+    for service, state in up(platform, _root(params_path), params).items():
         out.print(f"{service:12} {escape(state)}")
     out.print("\nPoint the pipeline at it (every command, flow and test reads these):")
     for key, value in platform.env().items():

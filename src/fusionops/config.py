@@ -294,13 +294,28 @@ class ParamsError(UserError):
     """params.yaml is missing, unreadable, or holds an unknown key or a bad value."""
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read params.yaml, check it, and anchor its relative paths at the file's folder."""
-    path = Path(path).resolve()
+PARAMS_FILE = "params.yaml"
+
+
+def find_params(path: Path | str = PARAMS_FILE) -> Path:
+    """The params file to read: `path` itself, except that the bare default name, when this folder has none, is
+    looked for in the parent folders, the nearest first (as git and dvc find their project from inside it)."""
+    path = Path(path)
+    if path != Path(PARAMS_FILE) or path.exists():
+        return path
+    for folder in Path.cwd().parents:
+        if (folder / PARAMS_FILE).is_file():
+            return folder / PARAMS_FILE
+    return path
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read params.yaml (found as `find_params` finds it), check it, and anchor its relative paths at its folder."""
+    path = find_params(path).resolve()
     if path.is_dir():
         raise ParamsError(f"{path} is a folder: give the params file (e.g. --params {path / 'params.yaml'})")
     if not path.is_file():
-        raise ParamsError(f"{path} not found: run from the project folder or pass --params PATH")
+        raise ParamsError(f"{path} not found: run inside the project folder or pass --params PATH")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

@@ -145,7 +145,7 @@ def test_unusable_manifest_is_one_clear_line(tmp_path, content, needle):
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
 
-def test_doctor_passes_here_and_names_what_to_fix(project):
+def test_doctor_passes_here_and_names_what_to_fix(project, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     ok = run("doctor", cwd=project)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -160,6 +160,10 @@ def test_doctor_passes_here_and_names_what_to_fix(project):
     assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders, project" in broken.stderr
     assert re.search(r"encoders\s*│\s*FAIL", broken.stdout) and "UserError" in broken.stdout
     assert "train.head 'concatt' is not one of attention, concat, gated" in broken.stdout
-    outside = run("doctor", cwd=project / "data")
+    inside = run("doctor", cwd=project / "data/raw")  # a subfolder: the project's params.yaml, as git finds its repo
+    assert inside.returncode == 1 and "encoders, project" in inside.stderr, inside.stdout + inside.stderr
+    assert "train.head 'concatt'" in inside.stdout
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    outside = run("doctor", cwd=elsewhere)
     assert outside.returncode == 1 and "params.yaml not found" in outside.stderr
-    assert not (project / "data/mlflow.db").exists()
+    assert not any(elsewhere.iterdir()) and not (project / "data/raw/mlflow.db").exists()

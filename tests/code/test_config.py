@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionops.config import Params, ParamsError, load_params
+from fusionops.config import Params, ParamsError, find_params, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +54,21 @@ def test_missing_params_file_says_what_to_do(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match="is a folder: give the params file"):
         load_params(tmp_path)
+
+
+def test_params_are_found_from_a_subfolder_of_the_project(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("train: {lr: 0.002}\n")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/params.yaml").mkdir()  # a folder of that name is not a params file: the search goes on
+    monkeypatch.chdir(tmp_path / "data/raw")
+    params = load_params()
+    assert params.train.lr == 0.002 and params.data.manifest == tmp_path / "data/raw/manifest.csv"
+    assert find_params() == tmp_path / "params.yaml"
+    assert find_params("other.yaml") == Path("other.yaml")  # a name the user gave is taken as given
+    with pytest.raises(ParamsError, match="other.yaml not found"):
+        load_params("other.yaml")
+    (tmp_path / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")  # the nearest wins
+    assert load_params().train.lr == 0.003
 
 
 def test_digest_depends_on_values_not_on_location(tmp_path):
