@@ -22,10 +22,23 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
     return sha.stdout.strip(), bool(status.stdout.strip())
 
 
+def stage_code(root: Path) -> list[str] | None:
+    """dvc.yaml and what its stages list as deps other than `${...}` paths (those come from params.yaml: the data):
+    the code the stages ran, relative to `root`. None without a readable dvc.yaml."""
+    try:
+        stages = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    deps = {str(dep).rstrip("/") for stage in stages.values() if isinstance(stage, dict)
+            for dep in stage.get("do", stage).get("deps") or [] if "${" not in str(dep)}
+    return ["dvc.yaml", *sorted(deps)]
+
+
 def uncommitted_code(root: Path, logged: list[Path]) -> list[str] | None:
-    """Tracked files under `root` changed since the last commit, leaving out what a run logs or DVC versions or
-    configures (params.yaml, dvc.lock, *.dvc files, .dvc/, .gitignore files, and the `logged` folders such as
-    reports/): the changes a rebuild from the commit cannot restore. None outside a git repository."""
+    """Tracked files under `root` changed since the last commit that the stages ran (dvc.yaml and its code deps, when
+    there is a dvc.yaml), leaving out what a run logs or DVC versions or configures (params.yaml, dvc.lock, *.dvc
+    files, .dvc/, .gitignore files, and the `logged` folders such as reports/): the changes a rebuild from the commit
+    cannot restore. A changed README or test is not among them. None outside a git repository."""
     try:
         changed = subprocess.run(["git", "diff", "HEAD", "--name-only", "--relative"], cwd=root, capture_output=True,
                                  text=True, check=True).stdout.split("\n")
@@ -33,10 +46,12 @@ def uncommitted_code(root: Path, logged: list[Path]) -> list[str] | None:
         return None
     root = Path(root).resolve()
     folders = [Path(f).resolve() for f in logged]
+    code = stage_code(root)
     return [path for path in filter(None, changed)
             if path not in ("params.yaml", "dvc.lock") and not path.endswith((".dvc", ".gitignore"))
             and not path.startswith(".dvc/")
-            and not any((root / path).resolve().is_relative_to(f) for f in folders)]
+            and not any((root / path).resolve().is_relative_to(f) for f in folders)
+            and (code is None or any(path == c or path.startswith(f"{c}/") for c in code))]
 
 
 def data_version(root: Path, data_dir: Path, *, used: bool = True) -> str | None:

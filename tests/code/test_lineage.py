@@ -13,25 +13,47 @@ def _git(*args: str, cwd: Path) -> None:
                    capture_output=True)
 
 
+DVC_YAML = """stages:
+  train:
+    cmd: fusionops train
+    deps: [src/model.py, src/features/, "${data.manifest}"]
+"""
+
+
 def test_only_code_changes_count_as_uncommitted_code(tmp_path):
-    files = ["src/model.py", "params.yaml", "dvc.lock", "data/raw.dvc", "data/.gitignore", ".dvc/config",
-             "reports/metrics.json", "dvc.yaml"]
+    files = ["src/model.py", "src/features/text.py", "params.yaml", "dvc.lock", "data/raw.dvc", "data/.gitignore",
+             ".dvc/config", "reports/metrics.json", "README.md", "tests/test_model.py", "src/serving.py", "dvc.yaml"]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("v1\n")
+        (tmp_path / name).write_text(DVC_YAML if name == "dvc.yaml" else "v1\n")
     _git("init", "-q", cwd=tmp_path)
     _git("add", "-A", cwd=tmp_path)
     _git("commit", "-qm", "v1", cwd=tmp_path)
     assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == [] and git_commit(tmp_path)[1] is False
 
-    for name in files[1:-1]:  # what a run logs, DVC versions or configures
+    # what a run logs, DVC versions or configures, and files no stage runs (docs, tests, serving code)
+    for name in files[2:-1]:
         (tmp_path / name).write_text("v2\n")
     (tmp_path / "untracked.py").write_text("new\n")
     assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == [] and git_commit(tmp_path)[1] is True
 
     (tmp_path / "src/model.py").write_text("v2\n")
-    (tmp_path / "dvc.yaml").write_text("v2\n")
-    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["dvc.yaml", "src/model.py"]
+    (tmp_path / "src/features/text.py").write_text("v2\n")
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["src/features/text.py", "src/model.py"]
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML.replace("src/model.py, ", ""))  # the stages' commands changed
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["dvc.yaml", "src/features/text.py"]
+
+
+def test_without_dvc_yaml_every_tracked_change_counts(tmp_path):
+    for name in ("README.md", "src/model.py", "reports/metrics.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("v1\n")
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("commit", "-qm", "v1", cwd=tmp_path)
+    for name in ("README.md", "src/model.py", "reports/metrics.json"):
+        (tmp_path / name).write_text("v2\n")
+    assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["README.md", "src/model.py"]
 
 
 def test_outside_a_git_repository_nothing_is_known(tmp_path):
