@@ -274,10 +274,15 @@ def reproduce(
                   f"{result['sha256'][:16]}; {scores}", highlight=False)
         return
     dirty = f" It was trained with {code}." if code else ""
+    changes = result["library_changes"]
+    libraries = (" The model records no library versions: other versions of torch, timm or transformers, or another "
+                 "machine, can change the bytes too." if changes is None
+                 else f" Libraries that differ from the registered ones: {', '.join(changes)}." if changes
+                 else " The libraries are the registered versions; another machine (CPU kind, thread count, GPU) can "
+                 "change the bytes too.")
     raise NotReproduced(f"rebuilt {label} in {_rel(result['folder'])} ({where}), but its weights differ: sha256 "
                         f"{result['sha256'][:16]}, registered {str(result['registered_sha256'])[:16]}; {scores}."
-                        f"{dirty} Other library versions (torch, timm, transformers) or another machine can change "
-                        "the bytes too.")
+                        f"{dirty}{libraries}")
 
 
 def _params_or_default(params_path: Path | None) -> Params:

@@ -328,7 +328,39 @@ def model_lineage(model_uri: str, params: Params, dst: Path) -> dict:
     except MlflowException as err:
         raise UserError(f"cannot read {model_uri} from {uri}: {err.message}{_versions_of(client, name)}") from None
     return {"name": name, "version": str(number), "tags": dict(version.tags), "metrics": dict(run.data.metrics),
-            "params": files["params.yaml"], "dvc_lock": files["dvc.lock"]}
+            "params": files["params.yaml"], "dvc_lock": files["dvc.lock"],
+            "libraries": _logged_libraries(f"models:/{name}/{number}", uri, dst)}
+
+
+def _logged_libraries(model_uri: str, uri: str, dst: Path) -> dict[str, str]:
+    """The library versions pinned in the model's requirements.txt (as registered: `pip_requirements`); empty when
+    the model has none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/requirements.txt",
+                                                   dst_path=str(dst / "model"), tracking_uri=uri)
+    except (MlflowException, OSError):
+        return {}
+    pins = (line.split("==", 1) for line in Path(path).read_text().splitlines() if "==" in line)
+    return {name.strip().lower(): version.strip() for name, version in pins}
+
+
+def library_changes(logged: dict[str, str]) -> list[str]:
+    """Each library pinned at registration whose installed version differs: "torch 2.13.0 (registered with
+    2.14.1)", or "... not installed ..." when it is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    changes = []
+    for name, pinned in sorted(logged.items()):
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "not installed"
+        if installed.split("+")[0] != pinned.split("+")[0]:  # MLflow pins without the local build label (+cu130)
+            changes.append(f"{name} {installed} (registered with {pinned})")
+    return changes
 
 
 def _versions_of(client, name: str) -> str:

@@ -115,9 +115,11 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     repository) and compare its weights with the registered ones. `params`, `project`: the current project's.
 
     The stages run the commit's own code when the commit holds it (src/fusionops), else the installed fusionops;
-    the installed libraries (torch, ...) are this environment's.
+    the installed libraries (torch, ...) are this environment's: those that differ from the versions registered
+    with the model are named (a warning before the rebuild, and `library_changes` in the result: None when the
+    model records no versions).
     """
-    from fusionops.registry import model_lineage
+    from fusionops.registry import library_changes, model_lineage
 
     into = Path(into).resolve()
     if into.exists() and (not into.is_dir() or any(into.iterdir())):
@@ -157,6 +159,10 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     code = _uncommitted_code(lineage["tags"])
     if code:
         log.warning("%s was trained with %s: the rebuild runs the code as committed", label, code)
+    libraries = library_changes(lineage["libraries"]) if lineage["libraries"] else None  # None: not recorded
+    if libraries:
+        log.warning("this environment's libraries differ from %s's: %s; the weights may differ", label,
+                    ", ".join(libraries))
     # Every stage runs again: neither DVC's run cache nor an up-to-date output may stand in for the rebuild; and
     # nothing of it is saved in the project's DVC cache (--no-commit: no outputs, no run-cache entries).
     src = work / "src"
@@ -177,7 +183,7 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     weights = model_dir(logged.train.out_dir) / WEIGHTS_FILE
     rebuilt, registered = sha256_file(weights), lineage["tags"].get("model_sha256")
     return {"name": lineage["name"], "version": lineage["version"], "folder": work, "git_commit": commit,
-            "uncommitted_code": code, "data_version": data, "weights": weights,
+            "uncommitted_code": code, "library_changes": libraries, "data_version": data, "weights": weights,
             "sha256": rebuilt, "registered_sha256": registered, "identical": rebuilt == registered,
             "metrics": json.loads(Path(logged.evaluate.metrics).read_text()), "logged_metrics": lineage["metrics"]}
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from fusionops.lineage import git_commit, uncommitted_code
+from fusionops.registry import library_changes
 
 
 def _git(*args: str, cwd: Path) -> None:
@@ -58,3 +59,13 @@ def test_without_dvc_yaml_every_tracked_change_counts(tmp_path):
 
 def test_outside_a_git_repository_nothing_is_known(tmp_path):
     assert uncommitted_code(tmp_path, []) is None and git_commit(tmp_path) == (None, False)
+
+
+def test_library_changes_name_each_library_that_differs_from_the_registered_version():
+    import numpy
+    import torch
+
+    logged = {"torch": torch.__version__, "numpy": "0.0.1", "no-such-library-here": "1.0"}
+    assert library_changes(logged) == ["no-such-library-here not installed (registered with 1.0)",
+                                       f"numpy {numpy.__version__} (registered with 0.0.1)"]
+    assert library_changes({"torch": torch.__version__}) == []

@@ -47,7 +47,7 @@ def test_a_version_trained_on_uncommitted_data_is_rebuilt_byte_for_byte(project,
     assert v2.tags["uncommitted_code"] == ""  # ...but no code: what changed, the rebuild restores from the logs
     output = sh(FUSIONOPS, "reproduce", f"models:/{NAME}@challenger", "--into", str(tmp_path / "v2"), cwd=project)
     assert f"reproduced {NAME} version 2" in output and "weights identical" in output
-    assert "uncommitted code" not in output
+    assert "uncommitted code" not in output and "libraries differ" not in output
     rebuilt = tmp_path / "v2"
     assert len(pd.read_csv(rebuilt / "data/raw/manifest.csv")) == len(pd.read_csv(project / "data/raw/manifest.csv"))
     assert "0 computed" in output  # the project's feature cache was shared, not recomputed
@@ -72,6 +72,7 @@ def test_weights_that_differ_are_reported(project, tmp_path):
     result = subprocess.run([FUSIONOPS, "reproduce", f"models:/{NAME}/1", "--into", str(tmp_path / "v1")],
                             cwd=project, capture_output=True, text=True)
     assert result.returncode == 3 and "weights differ" in result.stderr and "registered 0000" in result.stderr
+    assert "The libraries are the registered versions" in result.stderr  # read from the model's requirements.txt
     assert "Traceback" not in result.stderr
 
 
