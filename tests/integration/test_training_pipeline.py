@@ -25,13 +25,9 @@ def project(tmp_path_factory, slice_dir):
     from helpers import make_project
 
     root = make_project(tmp_path_factory.mktemp("project"), slice_dir, model_name=MODEL_NAME)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    yield root
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with pytest.MonkeyPatch.context() as env:  # the flows' own MLflow calls find the project's store
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,18 @@ class FusionHead(nn.Module):
     """What every head shares: forward = forward_head(forward_features(image, text)), a linear classifier."""
 
     classifier: nn.Linear
+    modalities: tuple[str, ...]
+    proj: nn.ModuleDict
+
+    def _project(self, image_dim: int, text_dim: int, proj_dim: int, modalities: tuple[str, ...]) -> None:
+        """The modalities used (checked, in MODALITIES order) and a projection of each to `proj_dim`."""
+        self.modalities = _checked(modalities)
+        dims = {"image": image_dim, "text": text_dim}
+        self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
+
+    def _present(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, M) booleans: the modalities each item has (a missing one is an all-zero vector)."""
+        return torch.stack([inputs[m].abs().amax(-1) > 0 for m in self.modalities], dim=-1)
 
     def forward_features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -52,9 +64,7 @@ class ConcatHead(FusionHead):
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, *, proj_dim: int = 256,
                  hidden_dim: int = 512, dropout: float = 0.3, modalities: tuple[str, ...] = MODALITIES):
         super().__init__()
-        self.modalities = _checked(modalities)
-        dims = {"image": image_dim, "text": text_dim}
-        self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
+        self._project(image_dim, text_dim, proj_dim, modalities)
         self.mlp = _mlp(proj_dim * len(self.modalities), hidden_dim, dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
@@ -79,16 +89,14 @@ class GatedHead(FusionHead):
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, *, proj_dim: int = 256,
                  hidden_dim: int = 512, dropout: float = 0.3, modalities: tuple[str, ...] = MODALITIES):
         super().__init__()
-        self.modalities = _checked(modalities)
-        dims = {"image": image_dim, "text": text_dim}
-        self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
+        self._project(image_dim, text_dim, proj_dim, modalities)
         self.gate = nn.Linear(proj_dim * len(self.modalities), len(self.modalities))
         self.mlp = _mlp(proj_dim, hidden_dim, dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _mix(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {"image": image, "text": text}
-        present = torch.stack([inputs[m].abs().amax(-1) > 0 for m in self.modalities], dim=-1)  # (batch, M)
+        present = self._present(inputs)
         projected = torch.stack([self.proj[m](inputs[m]) * present[:, i, None]
                                  for i, m in enumerate(self.modalities)], dim=1)  # (batch, M, proj)
         logits = self.gate(projected.flatten(1)).masked_fill(~present, float("-inf"))
@@ -134,9 +142,7 @@ class AttentionHead(FusionHead):
                  hidden_dim: int = 512, dropout: float = 0.3, modalities: tuple[str, ...] = MODALITIES,
                  num_heads: int = 4):
         super().__init__()
-        self.modalities = _checked(modalities)
-        dims = {"image": image_dim, "text": text_dim}
-        self.proj = nn.ModuleDict({m: _projection(dims[m], proj_dim) for m in self.modalities})
+        self._project(image_dim, text_dim, proj_dim, modalities)
         self.type_embedding = nn.Parameter(torch.randn(len(self.modalities), proj_dim) * 0.02)
         self.attn_norm = nn.LayerNorm(proj_dim)
         self.attn = nn.MultiheadAttention(proj_dim, _num_heads(proj_dim, num_heads), batch_first=True)
@@ -152,7 +158,7 @@ class AttentionHead(FusionHead):
     def _attend(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled summary (batch, proj) and the query's weight on each modality (batch, M)."""
         inputs = {"image": image, "text": text}
-        present = torch.stack([inputs[m].abs().amax(-1) > 0 for m in self.modalities], dim=-1)  # (batch, M)
+        present = self._present(inputs)
         any_present = present.any(-1, keepdim=True)
         # Masking every key of an item with no modality at all would be a softmax over nothing (NaN, and NaN
         # gradients): such an item attends over its zero-vector tokens instead, and its results are zeroed below.
