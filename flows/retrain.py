@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
-from training_pipeline import gate_line, run_from_terminal, training_pipeline  # noqa: E402
+from training_pipeline import gate_line, parse_project_dir, run_from_terminal, training_pipeline  # noqa: E402
 
 
 def _params(project_dir: Path):
@@ -179,6 +179,4 @@ def _summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", type=Path, default=Path("."), help="folder with dvc.yaml and params.yaml")
-    run_from_terminal(retrain, parser.parse_args().project_dir)
+    run_from_terminal(retrain, parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0])))

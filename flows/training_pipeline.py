@@ -181,6 +181,18 @@ def _summary(project_dir: Path, result: dict) -> str:
     ])
 
 
+def parse_project_dir(parser: argparse.ArgumentParser) -> Path:
+    """--project-dir from the command line; by default the project this folder is in: the nearest folder holding a
+    params.yaml, here or above (as `fusionops` commands find it)."""
+    from fusionops.config import find_params
+
+    parser.add_argument("--project-dir", type=Path, default=None,
+                        help="folder with dvc.yaml and params.yaml [default: the nearest with a params.yaml, here or "
+                             "above]")
+    given = parser.parse_args().project_dir
+    return given if given is not None else find_params().resolve().parent
+
+
 def run_from_terminal(flow_fn, project_dir: Path) -> dict:
     """Run a flow from the command line. A mistake in params.yaml is one message before anything runs; a failed
     stage (exit 1) or a user error (its exit code) ends the run with its message (Prefect's log above has the
@@ -189,7 +201,7 @@ def run_from_terminal(flow_fn, project_dir: Path) -> dict:
     from fusionops.errors import UserError
 
     if not (project_dir / "params.yaml").is_file():
-        print(f"error: no params.yaml in {project_dir.resolve()}: run from the project folder or give --project-dir",
+        print(f"error: no params.yaml in {project_dir.resolve()}: run inside the project folder or give --project-dir",
               file=sys.stderr)
         sys.exit(1)
     try:
@@ -205,8 +217,5 @@ def run_from_terminal(flow_fn, project_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", type=Path, default=Path("."), help="folder with dvc.yaml and params.yaml")
-    args = parser.parse_args()
-    result = run_from_terminal(training_pipeline, args.project_dir)
-    print(_summary(args.project_dir.resolve(), result))
+    project = parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    print(_summary(project.resolve(), run_from_terminal(training_pipeline, project)))

@@ -220,14 +220,18 @@ def test_served_model_classifies_with_a_modality_missing(first_run, project, tmp
     assert result.returncode == 2 and f"row {first_id!r}, column item_id: id is not unique" in result.stderr
 
 
-@pytest.mark.parametrize("flow", ["training_pipeline", "retrain"])
+@pytest.mark.parametrize("flow", ["training_pipeline", "retrain", "deploy"])
 def test_a_params_mistake_is_one_message_before_the_flow_runs(tmp_path, flow):
-    """`python flows/<flow>.py` with a misspelt key: the key and the file, no traceback, no flow run."""
+    """`python flows/<flow>.py` with a misspelt key: the key and the file, no traceback, no flow run; given the
+    project with --project-dir or run from inside it (a subfolder: the nearest params.yaml above)."""
     params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     params["train"]["batchsize"] = params["train"].pop("batch_size")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
     script = Path(__file__).resolve().parents[2] / "flows" / f"{flow}.py"
-    result = subprocess.run([sys.executable, str(script), "--project-dir", str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 1 and "train.batchsize: Extra inputs are not permitted" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout and len(result.stderr.strip().splitlines()) == 1
+    for args, cwd in ((["--project-dir", str(tmp_path)], tmp_path), ([], tmp_path / "data")):
+        result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                                cwd=cwd)
+        assert result.returncode == 1 and "train.batchsize: Extra inputs are not permitted" in result.stderr
+        assert str(tmp_path / "params.yaml") in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout and len(result.stderr.strip().splitlines()) == 1
