@@ -11,11 +11,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
     """The script's parser, described by its docstring's first line, with --json and --params."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--params", type=Path, default=None, help="params.yaml [default: the nearest, here or above]")
     return p
 
 
-def trained_on(params_path: Path):
+def trained_on(params_path: Path | None):
     """What `dvc repro` left for the benches that train heads: the params, the prepared manifest, its cached vectors
     and the label task."""
     from fusionops.config import load_params

@@ -21,7 +21,7 @@ import yaml
 from _cli import parser as bench_parser
 from _cli import report
 
-from fusionops.config import load_params
+from fusionops.config import find_params, load_params
 from fusionops.data.manifest import read_manifest
 from fusionops.data.prepare import prepare
 from fusionops.evaluate import evaluate
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    raw = yaml.safe_load(Path(args.params).read_text())
+    raw = yaml.safe_load(find_params(args.params).read_text())
     manifest = read_manifest(params.data.manifest)
     with tempfile.TemporaryDirectory(prefix="fusionops-tags-") as tmp:
         tmp = Path(tmp)

@@ -27,7 +27,7 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-ParamsOption = Annotated[Path, typer.Option(
+ParamsOption = Annotated[Path | None, typer.Option(
     "--params", "-p",
     help="params.yaml to read (paths are relative to it) [default: the nearest, in this folder or above]",
     show_default=False)]
@@ -41,7 +41,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _root(params_path: Path) -> Path:
+def _root(params_path: Path | None) -> Path:
     """The project folder: the one holding the params file that is read."""
     return find_params(params_path).resolve().parent
 
@@ -61,7 +61,7 @@ def _prepared(params: Params):
 
 
 @app.command()
-def prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
+def prepare(params_path: ParamsOption = None) -> None:
     """Check every row of the raw manifest, add the stable grouped split, write the prepared manifest."""
     from fusionops.data.prepare import prepare as run
 
@@ -87,7 +87,7 @@ def validate(
              "batch: new data for the current dataset (its labels only, new ids, no minimum count)")] = "dataset",
     report_path: Annotated[Path | None, typer.Option(
         "--report", help="where to write the JSON report [default: validate.report for the stage]")] = None,
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     """Check a manifest and every image; exit 2 with one line per problem (row, column, fix)."""
     from fusionops.data.manifest import read_manifest, to_canonical
@@ -133,7 +133,7 @@ def _current_labels_and_ids(params: Params) -> tuple[set[str], set[str]]:
 
 
 @app.command()
-def features(params_path: ParamsOption = Path("params.yaml")) -> None:
+def features(params_path: ParamsOption = None) -> None:
     """Image and text vectors for every prepared item; only content not in the cache is computed."""
     from fusionops.features import extract_features
 
@@ -146,7 +146,7 @@ def features(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def train(params_path: ParamsOption = Path("params.yaml")) -> None:
+def train(params_path: ParamsOption = None) -> None:
     """Train the fusion head (and the one-modality ablation heads) on the cached vectors."""
     from fusionops.features import load_features
     from fusionops.train import train as run
@@ -159,7 +159,7 @@ def train(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
+def evaluate(params_path: ParamsOption = None) -> None:
     """Test-set metrics, the ablation, missing modalities, calibration, timings, per-class table and plots."""
     from fusionops.evaluate import evaluate as run
     from fusionops.features import load_features
@@ -182,7 +182,7 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     keep_gb: Annotated[float, typer.Option(min=0, help="memory for the frozen part's outputs: within it, the frozen "
                                            "part runs once and each epoch only the part that trains")] = 4.0,
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     """Fine-tune the image backbone's last stage on the train split (a GPU is recommended).
 
@@ -214,7 +214,7 @@ def finetune(
 
 
 @app.command()
-def register(params_path: ParamsOption = Path("params.yaml")) -> None:
+def register(params_path: ParamsOption = None) -> None:
     """Log the run to MLflow and register the model (alias challenger; champion when there is none)."""
     from fusionops.registry import register_trained_model
 
@@ -229,7 +229,7 @@ def register(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def promote(params_path: ParamsOption = Path("params.yaml")) -> None:
+def promote(params_path: ParamsOption = None) -> None:
     """Move alias champion to the challenger if it is significantly better on the frozen test set."""
     from fusionops.registry import promote as run
 
@@ -241,7 +241,7 @@ def promote(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def rollback(params_path: ParamsOption = Path("params.yaml")) -> None:
+def rollback(params_path: ParamsOption = None) -> None:
     """Move alias champion back to the previous champion."""
     from fusionops.registry import rollback as run
 
@@ -253,7 +253,7 @@ def rollback(params_path: ParamsOption = Path("params.yaml")) -> None:
 def reproduce(
     model: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
     into: Annotated[Path, typer.Option("--into", help="a new folder for the rebuild (a clone of this repository)")],
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     """Rebuild a registered model from its lineage (git commit, logged params.yaml and dvc.lock, data version) and
     check its weights are the registered bytes. Exit 0 when they are, 3 when they differ, 1 when it cannot run."""
@@ -275,8 +275,9 @@ def reproduce(
         return
     dirty = f" It was trained with {code}." if code else ""
     changes = result["library_changes"]
-    libraries = (" The model records no library versions: other versions of torch, timm or transformers, or another "
-                 "machine, can change the bytes too." if changes is None
+    libraries = (" The library versions registered with the model could not be read (its requirements.txt): other "
+                 "versions of torch, timm or transformers, or another machine, can change the bytes too."
+                 if changes is None
                  else f" Libraries that differ from the registered ones: {', '.join(changes)}." if changes
                  else " The libraries are the registered versions; another machine (CPU kind, thread count, GPU) can "
                  "change the bytes too.")
@@ -288,9 +289,8 @@ def reproduce(
 def _params_or_default(params_path: Path | None) -> Params:
     """--params when given, else the project's params.yaml (here or in a parent folder) when there is one, else the
     defaults."""
-    if params_path is None:
-        return load_params(found) if (found := find_params()).is_file() else Params()
-    return load_params(params_path)
+    found = find_params(params_path)
+    return load_params(found) if params_path is not None or found.is_symlink() or found.exists() else Params()
 
 
 def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
@@ -411,7 +411,7 @@ def explain(
 @app.command()
 def ingest(
     path: Annotated[Path, typer.Argument(help="a batch folder (manifest + images), or an inbox of batch folders")],
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     """Check new labelled batches, append the good ones to the raw data and version it with DVC.
 
@@ -452,7 +452,7 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
+def cache_info(params_path: ParamsOption = None) -> None:
     """Size, entries and encoder id of every key space (* = used by the current params)."""
     from rich.table import Table
 
@@ -477,7 +477,7 @@ def cache_info(params_path: ParamsOption = Path("params.yaml")) -> None:
 @cache_app.command("prune")
 def cache_prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     """Remove the key spaces the current params do not use (another backbone, preprocessing or precision)."""
     from fusionops.features.cache import prune
@@ -498,7 +498,7 @@ def cache_prune(
 
 
 @app.command()
-def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
+def doctor(params_path: ParamsOption = None) -> None:
     """Check this machine and project: packages, weights, encoders, folders, disk, GPU, MLflow, DVC, train.head and
     the manifest; say what to fix."""
     from rich.table import Table
@@ -529,16 +529,16 @@ PrefectPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT"
                                                  help="[params: platform.prefect_port]")]
 
 
-def _platform(params_path: Path, **overrides):
+def _platform(params_path: Path | None, **overrides):
     from fusionops.platform import resolve
 
-    params = load_params(found) if (found := find_params(params_path)).is_file() else Params()
+    params = _params_or_default(params_path)
     return resolve(params.platform, **overrides), params
 
 
 @platform_app.command("up")
 def platform_up(
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
     dir_: DirOption = None,
     postgres_port: PostgresPort = None,
     mlflow_port: MlflowPort = None,
@@ -557,7 +557,7 @@ def platform_up(
 
 
 @platform_app.command("status")
-def platform_status(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None,
+def platform_status(params_path: ParamsOption = None, dir_: DirOption = None,
                     postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                     prefect_port: PrefectPort = None) -> None:
     """Each service, its URL, whether `up` started it and whether it answers; exit 1 when one does not."""
@@ -578,7 +578,7 @@ def platform_status(params_path: ParamsOption = Path("params.yaml"), dir_: DirOp
 
 
 @platform_app.command("down")
-def platform_down(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None) -> None:
+def platform_down(params_path: ParamsOption = None, dir_: DirOption = None) -> None:
     """Stop what `up` started (its pid files), newest first; the data stays for the next `up`."""
     from fusionops.platform import down
 
@@ -588,7 +588,7 @@ def platform_down(params_path: ParamsOption = Path("params.yaml"), dir_: DirOpti
 
 
 @platform_app.command("env")
-def platform_env(params_path: ParamsOption = Path("params.yaml"), dir_: DirOption = None,
+def platform_env(params_path: ParamsOption = None, dir_: DirOption = None,
                  postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                  prefect_port: PrefectPort = None) -> None:
     """Print the exports that point the pipeline at the platform: eval "$(fusionops platform env)"."""

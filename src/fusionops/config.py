@@ -297,20 +297,22 @@ class ParamsError(UserError):
 PARAMS_FILE = "params.yaml"
 
 
-def find_params(path: Path | str = PARAMS_FILE) -> Path:
-    """The params file to read: `path` itself, except that the bare default name, when this folder has none, is
-    looked for in the parent folders, the nearest first (as git and dvc find their project from inside it)."""
-    path = Path(path)
-    if path != Path(PARAMS_FILE) or path.exists():
-        return path
-    for folder in Path.cwd().parents:
-        if (folder / PARAMS_FILE).is_file():
-            return folder / PARAMS_FILE
-    return path
+def find_params(path: Path | str | None = None) -> Path:
+    """The params file to read: `path` as given; without one, the nearest params.yaml in the current folder or above
+    it (as git and dvc find their project from inside it), else ./params.yaml (which load_params reports missing).
+    A folder or a broken link of that name counts as found: load_params then says what is wrong with it."""
+    if path is not None:
+        return Path(path)
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        candidate = folder / PARAMS_FILE
+        if candidate.is_symlink() or candidate.exists():
+            return candidate
+    return Path(PARAMS_FILE)
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read params.yaml (found as `find_params` finds it), check it, and anchor its relative paths at its folder."""
+def load_params(path: Path | str | None = None) -> Params:
+    """Read params.yaml (`path`, or the nearest: `find_params`), check it, and anchor its relative paths at its
+    folder."""
     path = find_params(path).resolve()
     if path.is_dir():
         raise ParamsError(f"{path} is a folder: give the params file (e.g. --params {path / 'params.yaml'})")

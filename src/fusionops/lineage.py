@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,16 +24,56 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
     return sha.stdout.strip(), bool(status.stdout.strip())
 
 
+def _template_values(root: Path, spec: dict) -> dict:
+    """What `${...}` in dvc.yaml is filled from: params.yaml, then the `vars` (files, optionally `file:keys`, and
+    inline mappings), as DVC does."""
+    values: dict = {}
+    sources = (["params.yaml"] if (root / "params.yaml").is_file() else []) + list(spec.get("vars") or [])
+    for source in sources:
+        if isinstance(source, dict):
+            values.update(source)
+            continue
+        file, _, keys = str(source).partition(":")
+        loaded = yaml.safe_load((root / file).read_text()) or {}
+        values.update({k: loaded[k] for k in keys.split(",")} if keys else loaded)
+    return values
+
+
+def _fill(text: str, values: dict) -> str:
+    """`text` with every `${a.b}` replaced by its value; KeyError when one is not there (`${item}` of foreach)."""
+    def value(match: re.Match) -> str:
+        found = values
+        for key in match.group(1).strip().split("."):
+            found = found[key]
+        return str(found)
+
+    return re.sub(r"\$\{([^}]*)\}", value, text)
+
+
 def stage_code(root: Path) -> list[str] | None:
-    """dvc.yaml and what its stages list as deps other than `${...}` paths (those come from params.yaml: the data):
-    the code the stages ran, relative to `root`. None without a readable dvc.yaml."""
+    """What the stages of dvc.yaml ran, as paths relative to `root`: dvc.yaml, every stage's deps (templates filled,
+    relative to the stage's wdir) and its params files other than params.yaml (logged with every run). None when
+    that cannot be told (no readable dvc.yaml, a template that cannot be filled, a dep on the whole project)."""
+    root = Path(root)
     try:
-        stages = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
+        spec = yaml.safe_load((root / "dvc.yaml").read_text())
+        values = _template_values(root, spec)
+        paths = {"dvc.yaml"}
+        for stage in spec["stages"].values():
+            stage = stage.get("do", stage)
+            wdir = _fill(str(stage.get("wdir", ".")), values)
+            files = [_fill(str(dep), values) for dep in stage.get("deps") or []]
+            files += [_fill(str(f), values) for entry in stage.get("params") or [] if isinstance(entry, dict)
+                      for f in entry]
+            for file in files:
+                path = os.path.relpath(os.path.normpath(os.path.join(root, wdir, file)), root)
+                if path == ".":
+                    return None  # the whole project is a dep: every change counts
+                if path != "params.yaml":
+                    paths.add(path)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError):
         return None
-    deps = {str(dep).rstrip("/") for stage in stages.values() if isinstance(stage, dict)
-            for dep in stage.get("do", stage).get("deps") or [] if "${" not in str(dep)}
-    return ["dvc.yaml", *sorted(deps)]
+    return sorted(paths)
 
 
 def uncommitted_code(root: Path, logged: list[Path]) -> list[str] | None:

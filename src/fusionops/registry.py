@@ -329,27 +329,40 @@ def model_lineage(model_uri: str, params: Params, dst: Path) -> dict:
         raise UserError(f"cannot read {model_uri} from {uri}: {err.message}{_versions_of(client, name)}") from None
     return {"name": name, "version": str(number), "tags": dict(version.tags), "metrics": dict(run.data.metrics),
             "params": files["params.yaml"], "dvc_lock": files["dvc.lock"],
-            "libraries": _logged_libraries(f"models:/{name}/{number}", uri, dst)}
+            "libraries": logged_libraries(client, name, number, uri, dst)}
 
 
-def _logged_libraries(model_uri: str, uri: str, dst: Path) -> dict[str, str]:
-    """The library versions pinned in the model's requirements.txt (as registered: `pip_requirements`); empty when
-    the model has none."""
+def logged_libraries(client, name: str, version: str, uri: str, dst: Path) -> dict[str, str] | None:
+    """The library versions pinned (`name==version`) in the requirements.txt of version `version` of model `name`,
+    as registered (`pip_requirements`); None when it cannot be read (a model logged without one, a store that does
+    not answer). `client`, `uri`: the registry's MlflowClient and tracking URI."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from packaging.requirements import InvalidRequirement, Requirement
 
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/requirements.txt",
+        where = client.get_model_version_download_uri(name, version)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where.rstrip('/')}/requirements.txt",
                                                    dst_path=str(dst / "model"), tracking_uri=uri)
+        lines = Path(path).read_text().splitlines()
     except (MlflowException, OSError):
-        return {}
-    pins = (line.split("==", 1) for line in Path(path).read_text().splitlines() if "==" in line)
-    return {name.strip().lower(): version.strip() for name, version in pins}
+        return None
+    pins = {}
+    for line in lines:
+        try:
+            requirement = Requirement(line.split("#", 1)[0].strip())
+        except InvalidRequirement:  # a blank line, a comment, an option such as --index-url
+            continue
+        exact = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        if exact and (requirement.marker is None or requirement.marker.evaluate()):
+            pins[requirement.name.lower()] = exact[0]
+    return pins
 
 
 def library_changes(logged: dict[str, str]) -> list[str]:
     """Each library pinned at registration whose installed version differs: "torch 2.13.0 (registered with
-    2.14.1)", or "... not installed ..." when it is missing."""
+    2.14.1)", or "... not installed ..." when it is missing. Versions are compared whole: a build label such as
+    +cu130 against +cpu is a difference that can change the bytes."""
     from importlib.metadata import PackageNotFoundError, version
 
     changes = []
@@ -358,7 +371,7 @@ def library_changes(logged: dict[str, str]) -> list[str]:
             installed = version(name)
         except PackageNotFoundError:
             installed = "not installed"
-        if installed.split("+")[0] != pinned.split("+")[0]:  # MLflow pins without the local build label (+cu130)
+        if installed != pinned:
             changes.append(f"{name} {installed} (registered with {pinned})")
     return changes
 

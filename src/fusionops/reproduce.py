@@ -117,7 +117,7 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     The stages run the commit's own code when the commit holds it (src/fusionops), else the installed fusionops;
     the installed libraries (torch, ...) are this environment's: those that differ from the versions registered
     with the model are named (a warning before the rebuild, and `library_changes` in the result: None when the
-    model records no versions).
+    versions registered with the model cannot be read).
     """
     from fusionops.registry import library_changes, model_lineage
 
@@ -126,7 +126,8 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
         raise UserError(f"{into} exists and is not an empty folder: give a new folder for the rebuild")
     project = Path(project).resolve()
     if into.is_relative_to(project):
-        raise UserError(f"{into} is inside the project: give a folder outside it (e.g. ../rebuild), where the "
+        raise UserError(f"{into} is inside the project: give a folder outside it (e.g. "
+                        f"{os.path.relpath(project.parent / 'rebuild')}), where the "
                         "rebuild's own dvc.yaml and outputs cannot be taken for the project's")
     with tempfile.TemporaryDirectory() as tmp:
         lineage = model_lineage(model_uri, params, Path(tmp))
@@ -159,7 +160,7 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
     code = _uncommitted_code(lineage["tags"])
     if code:
         log.warning("%s was trained with %s: the rebuild runs the code as committed", label, code)
-    libraries = library_changes(lineage["libraries"]) if lineage["libraries"] else None  # None: not recorded
+    libraries = None if lineage["libraries"] is None else library_changes(lineage["libraries"])  # None: not known
     if libraries:
         log.warning("this environment's libraries differ from %s's: %s; the weights may differ", label,
                     ", ".join(libraries))

