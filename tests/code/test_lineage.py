@@ -91,10 +91,11 @@ def test_outside_a_git_repository_nothing_is_known(tmp_path):
 
 
 def test_library_changes_name_each_library_that_differs_from_the_registered_version():
-    import numpy
-    import torch
+    from importlib.metadata import version
 
-    logged = {"torch": torch.__version__, "numpy": "0.0.1", "no-such-library-here": "1.0"}
+    torch, numpy = version("torch"), version("numpy")
+    logged = {"torch": torch, "numpy": "0.0.1", "no-such-library-here": "1.0"}
     assert library_changes(logged) == ["no-such-library-here not installed (registered with 1.0)",
-                                       f"numpy {numpy.__version__} (registered with 0.0.1)"]
-    assert library_changes({"torch": torch.__version__}) == []
+                                       f"numpy {numpy} (registered with 0.0.1)"]
+    assert library_changes({"torch": torch}) == []
+    assert library_changes({"torch": f"{torch}+cu999"}) == [f"torch {torch} (registered with {torch}+cu999)"]
