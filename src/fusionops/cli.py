@@ -29,7 +29,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 ParamsOption = Annotated[Path | None, typer.Option(
     "--params", "-p",
-    help="params.yaml to read (paths are relative to it) [default: the nearest, in this folder or above]",
+    help="params.yaml to read (paths are relative to it) \\[default: the nearest, in this folder or above]",
     show_default=False)]
 
 
@@ -80,13 +80,13 @@ def prepare(params_path: ParamsOption = None) -> None:
 @app.command()
 def validate(
     manifest: Annotated[Path | None, typer.Option(
-        help="a manifest to check (CSV or Parquet) [default: the prepared manifest, as the pipeline stage]")] = None,
+        help="a manifest to check (CSV or Parquet) \\[default: the prepared manifest, as the pipeline stage]")] = None,
     images_root: Annotated[Path | None, typer.Option(help="folder the manifest's image paths are relative to")] = None,
     mode: Annotated[str, typer.Option(
         help="dataset: a whole training set (splits, enough items per label); "
              "batch: new data for the current dataset (its labels only, new ids, no minimum count)")] = "dataset",
     report_path: Annotated[Path | None, typer.Option(
-        "--report", help="where to write the JSON report [default: validate.report for the stage]")] = None,
+        "--report", help="where to write the JSON report \\[default: validate.report for the stage]")] = None,
     params_path: ParamsOption = None,
 ) -> None:
     """Check a manifest and every image; exit 2 with one line per problem (row, column, fix)."""
@@ -324,7 +324,7 @@ def predict(
         "--out", help="CSV (or .parquet) to write: item_id, prediction, confidence, modalities")],
     params_path: Annotated[Path | None, typer.Option(
         "--params", "-p",
-        help="params.yaml for column names and the tracking URI [default: the project's, here or above, if any]",
+        help="params.yaml for column names and the tracking URI \\[default: the project's, here or above, if any]",
     )] = None,
 ) -> None:
     """Predict every row of a manifest with a registered model (or a trained model folder).
@@ -365,7 +365,7 @@ def explain(
     neighbours: Annotated[int, typer.Option(min=0, help="how many nearest training items to show")] = 5,
     params_path: Annotated[Path | None, typer.Option(
         "--params", "-p",
-        help="params.yaml for column names and the tracking URI [default: the project's, here or above, if any]",
+        help="params.yaml for column names and the tracking URI \\[default: the project's, here or above, if any]",
     )] = None,
 ) -> None:
     """Explain predictions: top classes, what each modality contributed, the nearest training items.
@@ -521,12 +521,13 @@ platform_app = typer.Typer(help="The team platform on this machine: PostgreSQL, 
                            no_args_is_help=True)
 app.add_typer(platform_app, name="platform")
 DirOption = Annotated[Path | None, typer.Option("--dir", envvar="FUSIONOPS_PLATFORM_DIR",
-                                                help="platform folder [params: platform.dir]")]
+                                                help="platform folder \\[params: platform.dir]")]
 PostgresPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_POSTGRES_PORT",
-                                                 help="[params: platform.postgres_port]")]
-MlflowPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_MLFLOW_PORT", help="[params: platform.mlflow_port]")]
+                                                 help="\\[params: platform.postgres_port]")]
+MlflowPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_MLFLOW_PORT",
+                                               help="\\[params: platform.mlflow_port]")]
 PrefectPort = Annotated[int | None, typer.Option(envvar="FUSIONOPS_PREFECT_PORT",
-                                                 help="[params: platform.prefect_port]")]
+                                                 help="\\[params: platform.prefect_port]")]
 
 
 def _platform(params_path: Path | None, **overrides):

@@ -1,5 +1,6 @@
 """The console script as a person runs it: exit codes and messages, never a traceback for a user mistake."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,8 +15,9 @@ FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args, cwd=None):
-    return subprocess.run([FUSIONOPS, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(*args, cwd=None, env=None):
+    return subprocess.run([FUSIONOPS, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_help_lists_every_stage():
@@ -23,6 +25,8 @@ def test_help_lists_every_stage():
     assert result.returncode == 0
     for command in ("prepare", "validate", "features", "train", "evaluate", "register", "predict"):
         assert command in result.stdout
+    options = run("platform", "up", "--help", env={"COLUMNS": "200"}).stdout  # bracketed notes are text, not markup that swallows them
+    assert "[default: the nearest" in options and "[params: platform.mlflow_port]" in options
 
 
 def test_dvc_stages_are_cli_commands():
