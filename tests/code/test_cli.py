@@ -25,7 +25,8 @@ def test_help_lists_every_stage():
     assert result.returncode == 0
     for command in ("prepare", "validate", "features", "train", "evaluate", "register", "predict"):
         assert command in result.stdout
-    options = run("platform", "up", "--help", env={"COLUMNS": "200"}).stdout  # bracketed notes are text, not markup that swallows them
+    # bracketed notes are text, not markup that swallows them
+    options = run("platform", "up", "--help", env={"COLUMNS": "200"}).stdout
     assert "[default: the nearest" in options and "[params: platform.mlflow_port]" in options
 
 
