@@ -17,7 +17,7 @@ from prefect.schedules import Cron
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retrain import retrain  # noqa: E402
-from training_pipeline import parse_project_dir  # noqa: E402
+from training_pipeline import check_project, parse_project_dir  # noqa: E402
 
 
 def serve(project_dir: Path) -> None:
@@ -35,10 +35,6 @@ def serve(project_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    from fusionops.errors import UserError
-
-    try:
-        serve(parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
-    except UserError as err:  # a mistake in params.yaml: one message before anything is served
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    project = parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    check_project(project)
+    serve(project)

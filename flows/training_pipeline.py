@@ -190,13 +190,12 @@ def parse_project_dir(parser: argparse.ArgumentParser) -> Path:
                         help="folder with dvc.yaml and params.yaml [default: the nearest with a params.yaml, here or "
                              "above]")
     given = parser.parse_args().project_dir
-    return given if given is not None else find_params().resolve().parent
+    return given if given is not None else find_params().absolute().parent  # a linked params.yaml: the link's folder
 
 
-def run_from_terminal(flow_fn, project_dir: Path) -> dict:
-    """Run a flow from the command line. A mistake in params.yaml is one message before anything runs; a failed
-    stage (exit 1) or a user error (its exit code) ends the run with its message (Prefect's log above has the
-    details)."""
+def check_project(project_dir: Path) -> None:
+    """Before a flow runs or is served from the command line: a missing params.yaml or a mistake in it is one
+    message and the exit."""
     from fusionops.config import load_params
     from fusionops.errors import UserError
 
@@ -209,6 +208,14 @@ def run_from_terminal(flow_fn, project_dir: Path) -> dict:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+
+
+def run_from_terminal(flow_fn, project_dir: Path) -> dict:
+    """Run a flow from the command line (`check_project` first); a failed stage (exit 1) or a user error (its exit
+    code) ends the run with its message (Prefect's log above has the details)."""
+    from fusionops.errors import UserError
+
+    check_project(project_dir)
     try:
         return flow_fn(project_dir=project_dir)
     except (UserError, StageFailed) as err:

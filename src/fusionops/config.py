@@ -298,15 +298,20 @@ PARAMS_FILE = "params.yaml"
 
 
 def find_params(path: Path | str | None = None) -> Path:
-    """The params file to read: `path` as given; without one, the nearest params.yaml in the current folder or above
-    it (as git and dvc find their project from inside it), else ./params.yaml (which load_params reports missing).
-    A folder or a broken link of that name counts as found: load_params then says what is wrong with it."""
+    """The params file to read: `path` as given; without one, ./params.yaml, else the nearest params.yaml above, up
+    to the project's top folder (the first with .dvc or .git: as git and dvc find their project from inside it;
+    outside any project, only ./params.yaml), else ./params.yaml (which load_params reports missing). A folder or a
+    broken link of that name counts as found: load_params then says what is wrong with it."""
     if path is not None:
         return Path(path)
-    for folder in (Path.cwd(), *Path.cwd().parents):
+    here = Path.cwd()
+    top = next((f for f in (here, *here.parents) if (f / ".dvc").exists() or (f / ".git").exists()), here)
+    for folder in (here, *here.parents):
         candidate = folder / PARAMS_FILE
         if candidate.is_symlink() or candidate.exists():
             return candidate
+        if folder == top:  # a params.yaml above the project's top folder belongs to something else
+            break
     return Path(PARAMS_FILE)
 
 

@@ -45,9 +45,9 @@ def _fill(text: str, values: dict) -> str:
         found = values
         for key in match.group(1).strip().split("."):
             found = found[key]
-        return str(found)
+        return str(found).lower() if isinstance(found, bool) else str(found)  # as DVC writes them: true, false
 
-    return re.sub(r"\$\{([^}]*)\}", value, text)
+    return re.sub(r"(?<!\\)\$\{(.*?)\}", value, text)  # DVC's pattern: \${...} is not a template
 
 
 def stage_code(root: Path) -> list[str] | None:
@@ -63,8 +63,9 @@ def stage_code(root: Path) -> list[str] | None:
             stage = stage.get("do", stage)
             wdir = _fill(str(stage.get("wdir", ".")), values)
             files = [_fill(str(dep), values) for dep in stage.get("deps") or []]
-            files += [_fill(str(f), values) for entry in stage.get("params") or [] if isinstance(entry, dict)
-                      for f in entry]
+            entries = stage.get("params") or []
+            files += [_fill(str(f), values) for entry in entries if isinstance(entry, dict) for f in entry]
+            files += ["params.yaml"] if any(not isinstance(entry, dict) for entry in entries) else []  # in wdir
             for file in files:
                 path = os.path.relpath(os.path.normpath(os.path.join(root, wdir, file)), root)
                 if path == ".":

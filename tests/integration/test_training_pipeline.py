@@ -228,6 +228,7 @@ def test_a_params_mistake_is_one_message_before_the_flow_runs(tmp_path, flow):
     params["train"]["batchsize"] = params["train"].pop("batch_size")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
+    (tmp_path / ".dvc").mkdir()  # the project's top folder
     script = Path(__file__).resolve().parents[2] / "flows" / f"{flow}.py"
     for args, cwd in ((["--project-dir", str(tmp_path)], tmp_path), ([], tmp_path / "data")):
         result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
