@@ -6,6 +6,7 @@ Heavy libraries are imported inside the commands, so `fusionops --help` answers 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,7 +44,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
 
 def _root(params_path: Path | None) -> Path:
     """The project folder: the one holding the params file that is read."""
-    return find_params(params_path).resolve().parent
+    return Path(os.path.abspath(find_params(params_path))).parent  # a linked params.yaml: the link's folder
 
 
 def _rel(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -318,9 +319,11 @@ def find_params(path: Path | str | None = None) -> Path:
 def load_params(path: Path | str | None = None) -> Params:
     """Read params.yaml (`path`, or the nearest: `find_params`), check it, and anchor its relative paths at its
     folder."""
-    path = find_params(path).resolve()
+    path = Path(os.path.abspath(find_params(path)))  # a linked params.yaml anchors at the link's folder, as DVC's
     if path.is_dir():
         raise ParamsError(f"{path} is a folder: give the params file (e.g. --params {path / 'params.yaml'})")
+    if path.is_symlink() and not path.exists():
+        raise ParamsError(f"{path} is a link to {os.readlink(path)}, which does not exist: fix the link")
     if not path.is_file():
         raise ParamsError(f"{path} not found: run inside the project folder or pass --params PATH")
     try:

@@ -71,7 +71,7 @@ def test_params_are_found_from_a_subfolder_of_the_project(tmp_path, monkeypatch)
         with pytest.raises(ParamsError, match="not found"):
             load_params(given)
     (project / "data/params.yaml").symlink_to(project / "gone.yaml")  # the nearest wins, even a broken one...
-    with pytest.raises(ParamsError, match="gone.yaml not found"):
+    with pytest.raises(ParamsError, match="is a link to .*gone.yaml, which does not exist"):
         load_params()
     (project / "data/params.yaml").unlink()
     (project / "data/params.yaml").mkdir()  # ...or a folder of that name: said, not passed over
@@ -79,6 +79,12 @@ def test_params_are_found_from_a_subfolder_of_the_project(tmp_path, monkeypatch)
         load_params()
     (project / "data/raw/params.yaml").write_text("train: {lr: 0.003}\n")
     assert load_params().train.lr == 0.003
+    (project / "configs").mkdir()  # a linked params.yaml: paths are relative to the link's folder, as for DVC
+    (project / "configs/prod.yaml").write_text("train: {lr: 0.004}\n")
+    (project / "data/raw/params.yaml").unlink()
+    (project / "data/raw/params.yaml").symlink_to(project / "configs/prod.yaml")
+    params = load_params()
+    assert params.train.lr == 0.004 and params.data.manifest == project / "data/raw/data/raw/manifest.csv"
 
     # The search ends at the project's top folder (.dvc or .git); outside any project only ./params.yaml counts.
     (project / "data/raw/params.yaml").unlink()
