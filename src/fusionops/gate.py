@@ -168,7 +168,7 @@ def markdown(result: GateResult, *, name: str, champion: str, challenger: str) -
 - McNemar exact p = {result.mcnemar_p:.4g}; only champion right: {result.discordant['only_champion_right']},
   only challenger right: {result.discordant['only_challenger_right']}
 
-| class | support | champion F1 | challenger F1 | drop |
+| class | support | champion F1 | challenger F1 | F1 drop (champion - challenger) |
 |---|---|---|---|---|
 {rows}
 """
