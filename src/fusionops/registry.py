@@ -404,11 +404,16 @@ def register_trained_model(params: Params, root: Path) -> dict:
     from fusionops.data.manifest import read_manifest
     from fusionops.lineage import data_version, git_commit, uncommitted_code
     from fusionops.train import model_dir
+    from fusionops.versioning import stale_stages
 
     folder = model_dir(params.train.out_dir)
     for needed in (params.evaluate.metrics, folder / "config.json", params.data.prepared):
         if not Path(needed).is_file():
             raise UserError(f"{needed} not found: run the pipeline (`dvc repro`) before registering")
+    stale = stale_stages(root)  # the logged params.yaml and dvc.lock must be what made these outputs
+    if stale:
+        raise UserError("the pipeline's outputs are out of date, so the version's lineage would not be what made it "
+                        f"({'; '.join(stale)[:500]}): run `dvc repro`, then register")
     metrics = json.loads(Path(params.evaluate.metrics).read_text())
     config = json.loads((folder / "config.json").read_text())
     commit, dirty = git_commit(root)

@@ -46,3 +46,28 @@ def version_data(data_dir: Path, root: Path, remote: RemoteParams | None = None)
     if name:
         dvc("push", "--quiet", "--remote", name, f"{rel}.dvc", cwd=root)
     return {"dvc_file": f"{rel}.dvc", "pushed": bool(name), "remote": name}
+
+
+def stale_stages(root: Path) -> list[str] | None:
+    """What `dvc status` finds out of date in the project's pipeline, one line per stage or .dvc file ("train:
+    changed deps: params.yaml"); [] when every output is what the current params, code and data make. None when
+    there is no pipeline to ask about (no dvc.yaml) or DVC cannot tell."""
+    import json
+
+    if not (Path(root) / "dvc.yaml").is_file():
+        return None
+    try:
+        status = json.loads(dvc("status", "--json", cwd=root) or "{}")
+    except (UserError, ValueError):
+        return None
+    lines = []
+    for name, changes in status.items():
+        said = []
+        for change in changes:
+            if isinstance(change, dict):
+                said += [f"{what}: {', '.join(sorted(paths)) if isinstance(paths, dict) else paths}"
+                         for what, paths in change.items()]
+            else:
+                said.append(str(change))
+        lines.append(f"{name}: {'; '.join(said)}")
+    return lines

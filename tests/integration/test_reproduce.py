@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import make_project, sh, take_slice, write_dataset
 
@@ -99,6 +100,22 @@ def test_what_cannot_be_reproduced_is_refused_by_name(project, tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, uri
         assert not into.exists()
+
+
+def test_outputs_older_than_params_are_not_registered(project):
+    """A params.yaml changed after `dvc repro` would be logged beside weights it did not make: refused."""
+    params = (project / "params.yaml").read_text()
+    try:
+        changed = yaml.safe_load(params)
+        changed["train"]["seed"] += 7
+        (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+        result = subprocess.run([FUSIONOPS, "register"], cwd=project, capture_output=True, text=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "outputs are out of date" in result.stderr and "train: changed deps: params.yaml" in result.stderr
+        assert "run `dvc repro`, then register" in result.stderr
+        assert sorted(int(v.version) for v in _client(project).search_model_versions(f"name='{NAME}'")) == [1, 2]
+    finally:
+        (project / "params.yaml").write_text(params)
 
 
 def test_data_only_on_the_remote_is_pulled_and_data_nowhere_is_said(project, tmp_path):
