@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fusionops.atomic import write_json
 from fusionops.data.split import SPLITS
+from fusionops.errors import DataError
 from fusionops.labels import explode, split_tags
 
 Mode = Literal["rows", "dataset", "batch"]
@@ -237,7 +238,11 @@ def decode_problem(source: Path | bytes, *, max_pixels: int | None = 50_000_000)
 
 def check_images(df: pd.DataFrame, images_root: Path, *, max_pixels: int = 50_000_000,
                  empty: bool = False) -> list[Problem]:
-    """Every image of the manifest; `empty`: report empty paths too (the suite does, where it runs)."""
+    """Every image of the manifest; `empty`: report empty paths too (the suite does, where it runs). A missing
+    images root is one error, not one problem per row."""
+    if not Path(images_root).is_dir() and any(str(p).strip() for p in df["image"]):
+        raise DataError(f"images root {Path(images_root).absolute()} is not a folder: the manifest's image paths are "
+                        "relative to it (--images-root, or data.images_root in params.yaml)")
     problems = []
     for item_id, relpath in zip(df["item_id"], df["image"], strict=True):
         if not str(relpath).strip():

@@ -183,3 +183,12 @@ def test_commands_read_the_project_params_from_a_subfolder(tmp_path):
     given = run("platform", "env", "--params", "./params.yaml", cwd=tmp_path / "data/raw")  # as given: not searched
     assert given.returncode == 1 and f"{tmp_path / 'data/raw/params.yaml'} not found" in given.stderr
     assert not (tmp_path / "data/raw/.team").exists() and not (tmp_path / "data/raw/mlflow.db").exists()
+
+
+def test_a_missing_images_root_is_one_error_not_one_per_row(project):
+    for command in (["validate", "--mode", "batch"], ["predict", "--model", "models/fusion", "--out", "out.csv"]):
+        result = run(*command, "--manifest", "data/raw/manifest.csv", "--images-root", "nope", cwd=project)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == (f"error: images root {project / 'nope'} is not a folder: the manifest's "
+                                         "image paths are relative to it (--images-root, or data.images_root in "
+                                         "params.yaml)")
