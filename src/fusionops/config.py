@@ -7,6 +7,7 @@ params.yaml, so the CLI, DVC and Prefect agree on where things are whatever the 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -316,6 +317,22 @@ def find_params(path: Path | str | None = None) -> Path:
     return Path(PARAMS_FILE)
 
 
+def _problem(error: dict) -> str:
+    """One validation error as `section.key: what`; an unknown key says which known key it is closest to."""
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] != "extra_forbidden":
+        return f"{where}: {error['msg']}"
+    model: type[BaseModel] | None = Params
+    for part in error["loc"][:-1]:  # the section the unknown key is in
+        field = next((f for name, f in (model.model_fields.items() if model else ())
+                      if part in (name, f.alias)), None)
+        model = field.annotation if field and isinstance(field.annotation, type) \
+            and issubclass(field.annotation, BaseModel) else None
+    known = [f.alias or name for name, f in model.model_fields.items()] if model else []
+    close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+    return f"{where}: unknown key" + (f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(known)}")
+
+
 def load_params(path: Path | str | None = None) -> Params:
     """Read params.yaml (`path`, or the nearest: `find_params`), check it, and anchor its relative paths at its
     folder."""
@@ -335,9 +352,7 @@ def load_params(path: Path | str | None = None) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
-        )
+        problems = "; ".join(_problem(e) for e in err.errors(include_url=False))
         raise ParamsError(f"{path}: {problems}") from None
     params.digest()  # hashed as written, so the same params.yaml gives the same hash on every machine
     return params.resolve_paths(path.parent)

@@ -233,6 +233,6 @@ def test_a_params_mistake_is_one_message_before_the_flow_runs(tmp_path, flow):
     for args, cwd in ((["--project-dir", str(tmp_path)], tmp_path), ([], tmp_path / "data")):
         result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
                                 cwd=cwd)
-        assert result.returncode == 1 and "train.batchsize: Extra inputs are not permitted" in result.stderr
+        assert result.returncode == 1 and "train.batchsize: unknown key (did you mean batch_size?)" in result.stderr
         assert str(tmp_path / "params.yaml") in result.stderr
         assert "Traceback" not in result.stderr + result.stdout and len(result.stderr.strip().splitlines()) == 1
