@@ -271,7 +271,7 @@ def load_predictor(model: str, params: Params) -> Predictor:
     if path.is_dir() and not (path / "MLmodel").is_file():  # a trained folder, not one MLflow exported
         return Predictor(path, quantize=params.registry.quantize)  # as the registered model would serve
     if not path.is_dir() and "://" not in model and not model.startswith(("models:/", "runs:/")):
-        raise UserError(f"{model} is neither a model folder nor an MLflow model URI "
+        raise UserError(f"{model} is neither a model folder ({path.absolute()} is none) nor an MLflow model URI "
                         "(give e.g. models/fusion or models:/<name>@champion)")
     from mlflow.exceptions import MlflowException
 

@@ -176,8 +176,11 @@ def test_a_trained_folder_is_served_as_params_say(folders):
 
 
 def test_an_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="neither a model folder nor an MLflow model URI"):
+    with pytest.raises(UserError, match="neither a model folder .* nor an MLflow model URI"):
         load_predictor(str(tmp_path / "nope"), Params())
+    monkeypatch.chdir(tmp_path)  # a relative path is shown as it was resolved
+    with pytest.raises(UserError, match=f"models/fusion is neither a model folder \\({tmp_path}/models/fusion is"):
+        load_predictor("models/fusion", Params())
     with pytest.raises(UserError, match="holds no trained model"):
         load_predictor(str(tmp_path), Params())
     # A registry URI outside any project (no params.yaml, no MLFLOW_TRACKING_URI): said, and no store is created.

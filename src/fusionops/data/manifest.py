@@ -18,7 +18,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """Read a CSV or Parquet manifest with every column as a string (ids like '007' stay as written)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"manifest {path} not found: check data.manifest in params.yaml or the path you passed")
+        raise DataError(f"manifest {path.absolute()} not found: check the path you passed (or data.manifest in "
+                        "params.yaml)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
