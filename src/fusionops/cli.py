@@ -504,10 +504,19 @@ def doctor(params_path: ParamsOption = None) -> None:
     the manifest; say what to fix."""
     from rich.table import Table
 
-    from fusionops.doctor import run_checks
+    from fusionops.config import ParamsError
+    from fusionops.doctor import Check, run_checks
 
-    params = load_params(params_path)  # outside a project: says so (nothing to check against)
-    checks = run_checks(params, _root(params_path))
+    found, root = find_params(params_path), _root(params_path)
+    if not (found.is_symlink() or found.exists()):
+        load_params(found)  # outside a project: says so (nothing to check against)
+    try:
+        params, mistake = load_params(found), None
+    except ParamsError as err:  # the machine is still checked, against the defaults
+        params, mistake = Params().resolve_paths(root), err
+    checks = run_checks(params, root)
+    if mistake:
+        checks.append(Check("params", False, str(mistake), "fix params.yaml (the checks above used the defaults)"))
     table = Table("check", "", "found", "to fix", show_lines=False)
     for c in checks:
         mark = "[red]FAIL[/]" if not (c.ok or c.warning) else "[yellow]note[/]" if c.warning else "[green]ok[/]"

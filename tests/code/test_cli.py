@@ -165,6 +165,12 @@ def test_doctor_passes_here_and_names_what_to_fix(project, tmp_path_factory):
     assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders, project" in broken.stderr
     assert re.search(r"encoders\s*│\s*FAIL", broken.stdout) and "UserError" in broken.stdout
     assert "train.head 'concatt' is not one of attention, concat, gated" in broken.stdout
+    misspelt = params | {"train": {**params["train"], "head": "concat", "batch_szie": 8}}
+    (project / "params.yaml").write_text(yaml.safe_dump(misspelt))
+    mistake = run("doctor", cwd=project)  # the machine is still checked; the mistake is one of the rows
+    assert mistake.returncode == 1 and re.search(r"packages\s*│\s*ok", mistake.stdout), mistake.stderr
+    assert re.search(r"params\s*│\s*FAIL", mistake.stdout) and "did you mean batch_size?" in mistake.stdout
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     inside = run("doctor", cwd=project / "data/raw")  # a subfolder: the project's params.yaml, as git finds its repo
     assert inside.returncode == 1 and "encoders, project" in inside.stderr, inside.stdout + inside.stderr
     assert "train.head 'concatt'" in inside.stdout
