@@ -161,8 +161,8 @@ def _summary(project_dir: Path, result: dict) -> str:
     test, reg = result["metrics"]["test"], result["registered"]
     uri = tracking_uri(params)
 
-    def rel(path: Path) -> str:
-        return os.path.relpath(path, project_dir)
+    def rel(path: Path) -> str:  # as typed from where the flow was started
+        return os.path.relpath(path)
 
     mlflow_bin = rel(Path(sys.executable).parent / "mlflow")
     ui = uri if uri.startswith("http") else f"{mlflow_bin} ui --backend-store-uri {uri} --port 5000"

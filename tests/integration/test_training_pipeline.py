@@ -130,13 +130,16 @@ def test_flow_publishes_a_markdown_report(first_run):
 
 
 def test_the_summary_says_the_first_version_had_nothing_to_compare_with(first_run, second_run, project,
-                                                                        flow_module):
+                                                                        flow_module, monkeypatch):
     first = flow_module._summary(project, first_run).splitlines()
     assert ("  gate          nothing to compare: version 1 is the first, champion since its registration"
             in first)
     again = flow_module._summary(project, second_run).splitlines()
     assert ("  gate          unchanged: version 1 is already the champion (made champion at registration: there "
             "was none)" in again)
+    monkeypatch.chdir(project / "data")  # started from a subfolder: paths as typed from there
+    assert any(line.startswith("  reports       ../reports/metrics.json")
+               for line in flow_module._summary(project, second_run).splitlines())
 
 
 def test_second_run_skips_stages_and_registers_nothing_new(second_run):
