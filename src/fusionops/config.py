@@ -333,6 +333,18 @@ def _problem(error: dict) -> str:
     return f"{where}: unknown key" + (f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(known)}")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where in the file, and what the parser expected (its own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and (start.line, start.column) != (mark.line, mark.column):
+        context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+    return f"{where}: {err.problem}" + (f" ({context})" if context else "")
+
+
 def load_params(path: Path | str | None = None) -> Params:
     """Read params.yaml (`path`, or the nearest: `find_params`), check it, and anchor its relative paths at its
     folder."""
@@ -346,7 +358,7 @@ def load_params(path: Path | str | None = None) -> Params:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
         raise ParamsError(f"{path} is not UTF-8 text (byte {err.start + 1} is not): save it as UTF-8") from None
     try:

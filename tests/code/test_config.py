@@ -27,7 +27,9 @@ def test_project_params_equal_the_defaults():
     ("features: {image: {zzz: 1}}", "features.image.zzz: unknown key; known: backbone, weights, image_size"),
     ("split: {train: 0.9, val: 0.2}", "must be < 1"),
     ("features: {precision: fp8}", "features.precision"),
-    ("train: [1, 2", "not valid YAML"),
+    ("train: [1, 2", "not valid YAML: line 1, column 13: expected ',' or ']', but got '<stream end>' "
+                     "(while parsing a flow sequence that starts at line 1, column 8)"),
+    ("data:\n\tlabel_column: x", "not valid YAML: line 2, column 1: found character '\\t' that cannot start any token"),
     ("features: {image: {std: [0.2, 0, 0.2]}}", "features.image.std.1: Input should be greater than 0"),
     ("features: {num_workers: -1}", "features.num_workers"),
     ("train: {seed: -1}", "train.seed: Input should be greater than or equal to 0"),
