@@ -46,9 +46,12 @@ def check_batches(project_dir: Path, batches: list) -> tuple[list, list]:
 
     params = _params(project_dir)
     good, bad = check(batches, params)
-    quarantined = [{"batch": batch.name, "folder": str(quarantine(batch, report, params.retrain.quarantine)),
-                    "problems": [str(p) for p in report.problems[:20]], "problem_count": len(report.problems)}
-                   for batch, report in bad]
+    quarantined = []
+    for batch, report in bad:
+        folder = quarantine(batch, report, params.retrain.quarantine)
+        get_run_logger().warning("batch %s quarantined in %s: %d problem(s)", batch.name, folder, len(report.problems))
+        quarantined.append({"batch": batch.name, "folder": str(folder), "problem_count": len(report.problems),
+                            "problems": [str(p) for p in report.problems[:20]]})
     return good, quarantined
 
 

@@ -118,7 +118,6 @@ def quarantine(batch: Batch, report: Report, quarantine_dir: Path) -> Path:
     for problem in report.problems:
         problem.problem = problem.problem.replace(before, after)
     write_json(target / "validation.json", report.to_dict())
-    log.warning("batch %s quarantined in %s: %d problem(s)", batch.name, target, len(report.problems))
     return target
 
 

@@ -166,6 +166,7 @@ def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path
     result = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unknown label 'Spaceships'" in result.stderr
+    assert result.stderr.count("quarantined in") == 1, result.stderr  # said once, not also as a log line
     assert raw_version(project) == before and not batch.exists()
     again = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
                            capture_output=True, text=True, timeout=300)
