@@ -17,6 +17,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported: its INFO lines repeat ours
+
 # DVC's advice for people at a terminal (git add ..., dvc push) is noise in a run log: the flow handles both.
 _DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
               "Use `dvc push`")

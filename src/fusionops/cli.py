@@ -38,8 +38,10 @@ ParamsOption = Annotated[Path | None, typer.Option(
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
-    for noisy in ("great_expectations", "urllib3", "httpx", "alembic", "mlflow", "matplotlib", "PIL"):
+    for noisy in ("great_expectations", "urllib3", "httpx", "alembic", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # MLflow sets its loggers' level from this when imported; its INFO lines repeat what we say
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _root(params_path: Path | None) -> Path:
