@@ -189,8 +189,9 @@ def finetune(
 ) -> None:
     """Fine-tune the image backbone's last stage on the train split (a GPU is recommended).
 
-    Writes a state dict for features.image.weights (+ <out>.json, the report); with it the features stage computes
-    new vectors under a new cache key space and keeps the old ones.
+    Writes a state dict for features.image.weights, and beside it <out>.json, the report.
+
+    With those weights the features stage computes new vectors under a new cache key space and keeps the old ones.
     """
     from fusionops.finetune import check_out_path, report_path
     from fusionops.finetune import finetune as run
@@ -258,8 +259,12 @@ def reproduce(
     into: Annotated[Path, typer.Option("--into", help="a new folder for the rebuild (a clone of this repository)")],
     params_path: ParamsOption = None,
 ) -> None:
-    """Rebuild a registered model from its lineage (git commit, logged params.yaml and dvc.lock, data version) and
-    check its weights are the registered bytes. Exit 0 when they are, 3 when they differ, 1 when it cannot run."""
+    """Rebuild a registered model from its lineage and check its weights are the registered bytes.
+
+    The lineage: the git commit, the logged params.yaml and dvc.lock, and the data version.
+
+    Exit 0 when the weights are the registered bytes, 3 when they differ, 1 when it cannot run.
+    """
     from fusionops.reproduce import NotReproduced
     from fusionops.reproduce import reproduce as run
 
@@ -502,8 +507,10 @@ def cache_prune(
 
 @app.command()
 def doctor(params_path: ParamsOption = None) -> None:
-    """Check this machine and project: packages, weights, encoders, folders, disk, GPU, MLflow, DVC, train.head and
-    the manifest; say what to fix."""
+    """Check this machine and project, and say what to fix.
+
+    Packages, weights, encoders, folders, disk, GPU, MLflow, DVC, train.head and the manifest.
+    """
     from rich.table import Table
 
     from fusionops.config import ParamsError

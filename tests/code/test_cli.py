@@ -30,6 +30,25 @@ def test_help_lists_every_stage():
     assert "[default: the nearest" in options and "[params: platform.mlflow_port]" in options
 
 
+def test_help_paragraphs_are_not_cut_mid_sentence():
+    """Typer prints a help paragraph's line breaks as written (the command list cuts the first paragraph at one): each
+    paragraph is one line in the source."""
+    import click
+    import typer
+
+    from fusionops.cli import app
+
+    def commands(group):
+        for command in group.commands.values():
+            yield command
+            if isinstance(command, click.Group):
+                yield from commands(command)
+
+    for command in commands(typer.main.get_command(app)):
+        for paragraph in (command.help or "").strip().split("\n\n"):
+            assert "\n" not in paragraph.strip(), f"{command.name}: {paragraph!r}"
+
+
 def test_dvc_stages_are_cli_commands():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert {name: stage["cmd"] for name, stage in stages.items()} == {n: f"fusionops {n}" for n in stages}
