@@ -402,7 +402,8 @@ def explain(
             raise UserError("give --image and/or --text for one item, or --manifest, --images-root and --out")
         found = check_image(image.resolve().parent, image.name) if image is not None else None
         if found:
-            raise DataError(f"--image: {found[0]} -> {found[1]}; nothing was written")
+            unwritten = f"; {out_path} was not written" if out_path is not None else ""
+            raise DataError(f"--image: {found[0]} -> {found[1]}{unwritten}")
         images, texts, ids = [image.resolve() if image is not None else None], [text], [None]
     predictor = load_predictor(model, params)
     results = run(predictor, images, texts, top=top, neighbours=neighbours, progress=manifest is not None)

@@ -264,7 +264,9 @@ def test_cli_refuses_bad_rows_and_writes_nothing(tmp_path, folders, slice_dir, m
     missing = _invoke(["--model", folders["concat"], "--image", tmp_path / "gone.png", "--out", out], tmp_path,
                       monkeypatch)
     assert isinstance(missing.exception, DataError) and "gone.png" in str(missing.exception)
-    assert not out.exists()
+    assert f"{out} was not written" in str(missing.exception) and not out.exists()
+    unasked = _invoke(["--model", folders["concat"], "--image", tmp_path / "gone.png"], tmp_path, monkeypatch)
+    assert "gone.png" in str(unasked.exception) and "written" not in str(unasked.exception)  # no file was asked for
     nothing = _invoke(["--model", folders["concat"], "--text", "  "], tmp_path, monkeypatch)
     assert isinstance(nothing.exception, UserError) and "--image and/or --text" in str(nothing.exception)
     both = _invoke(["--model", folders["concat"], "--text", "x", "--manifest", tmp_path / "m.csv"], tmp_path,
