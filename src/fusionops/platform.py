@@ -489,7 +489,8 @@ def _mlflow_up(platform: Platform) -> str:
     artifacts = platform.root / "mlartifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     # The store URI holds the password: pass it in the environment (readable by this user only), not in argv (ps).
-    env = _service_env(platform, MLFLOW_BACKEND_STORE_URI=platform.database_url("mlflow"))
+    # A server's log keeps MLflow's INFO lines (the CLI quiets them for people at a terminal).
+    env = _service_env(platform, MLFLOW_BACKEND_STORE_URI=platform.database_url("mlflow"), MLFLOW_LOGGING_LEVEL="INFO")
     return _start_http(platform, "mlflow", platform.mlflow_port, f"{platform.mlflow_url}/health", [
         str(BIN / "mlflow"), "server", "--artifacts-destination", str(artifacts), "--host", platform.host,
         "--port", str(platform.mlflow_port), "--workers", "2"], env, timeout=180)

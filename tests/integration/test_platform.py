@@ -62,6 +62,9 @@ def test_stores_live_in_postgresql(team_platform):
         with psycopg2.connect(url + database) as connection, connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = %s", (table,))
             assert cursor.fetchone()[0] == 1, f"{database} has no {table} table"
+    # the server's log says it created them: MLflow's INFO lines stay in a server's log
+    assert "INFO mlflow.store.db.utils: Creating initial MLflow database tables" in \
+        (team_platform["root"] / "logs/mlflow.log").read_text()
 
 
 async def _deployments_and_schedule():
