@@ -146,7 +146,7 @@ def retrain(project_dir: Path = Path(".")) -> dict:
                 result["drift"] = measure_drift(project_dir, good)
             result["appended"] = add_batches(project_dir, good)["appended"]
         # Everything added and not trained on yet counts, whichever night it came in.
-        pending = pending_items(params) if Path(params.data.manifest).is_file() else 0
+        pending = pending_items(params, project_dir) if Path(params.data.manifest).is_file() else 0
         drift = result["drift"]["drift"] if result["drift"] else None
         retrain_now, reason = retrain_decision(pending, drift, params.retrain)
         if not batches and not pending:

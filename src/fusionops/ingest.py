@@ -218,12 +218,37 @@ def add_batches(good: list[Batch], params: Params, root: Path) -> dict:
     return {"appended": appended, "rows": sum(appended.values()), "versioned": versioned}
 
 
-def pending_items(params: Params) -> int:
-    """Rows of the raw manifest that the last prepare neither took nor rejected: added, not trained on yet
-    (whichever night they were added on)."""
+def trained_manifest(params: Params, root: Path) -> Path | None:
+    """The prepared manifest the current model was trained from. dvc.lock's train stage names it by hash; when a run
+    prepared new data and then failed before training, that older version is read from the DVC cache. None when
+    nothing was trained yet, or when that version is no longer in the cache."""
+    import hashlib
+
+    import yaml
+
+    from fusionops.versioning import dvc
+
+    lock, prepared = Path(root) / "dvc.lock", Path(params.data.prepared)
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {} if lock.is_file() else {}
+    deps = (stages.get("train") or {}).get("deps") or []
+    entry = next((d for d in deps if (Path(root) / d.get("path", "")).resolve() == prepared.resolve()), None)
+    if not entry or "md5" not in entry:
+        return None
+    if prepared.is_file() and hashlib.md5(prepared.read_bytes()).hexdigest() == entry["md5"]:
+        return prepared
+    md5 = entry["md5"]
+    cached = Path(dvc("cache", "dir", cwd=root).strip()) / "files" / "md5" / md5[:2] / md5[2:]
+    return cached if cached.is_file() else None
+
+
+def pending_items(params: Params, root: Path) -> int:
+    """Rows of the raw manifest that the current model was not trained from and the last prepare did not reject:
+    added and not trained on yet, whichever night they came in, and also when a run prepared them and then failed."""
     raw_ids = set(current_dataset(params)["item_id"])
     seen = set()
-    for path in (params.data.prepared, params.validate_.rejected):
-        if Path(path).is_file():
-            seen |= set(read_manifest(path)["item_id"])
+    trained = trained_manifest(params, root)
+    if trained is not None:  # prepare writes CSV (a cached version has no suffix for read_manifest to go by)
+        seen |= set(pd.read_csv(trained, dtype=str, keep_default_na=False, usecols=["item_id"])["item_id"])
+    if Path(params.validate_.rejected).is_file():
+        seen |= set(read_manifest(params.validate_.rejected)["item_id"])
     return len(raw_ids - seen)

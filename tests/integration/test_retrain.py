@@ -204,3 +204,21 @@ def test_deployment_runs_on_a_real_prefect_api(prefect_harness, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_rows_a_failed_run_prepared_are_still_pending(runs, project, flows, demo_manifest, tmp_path):
+    """A run that prepared new rows and failed before training leaves them pending: the next night trains on them."""
+    from fusionops.config import load_params
+    from fusionops.ingest import pending_items
+
+    rows = take_slice(demo_manifest, 1, skip_groups=70)
+    sh(str(Path(sys.executable).with_name("fusionops")), "ingest", str(write_dataset(rows, tmp_path / "late")),
+       cwd=project)
+    params = load_params(project / "params.yaml")
+    assert pending_items(params, project) == len(rows)
+    sh(sys.executable, "-m", "dvc", "repro", "prepare", cwd=project)  # ... and the run stops there
+    assert pending_items(params, project) == len(rows)  # prepared, not trained on
+    night = flows.retrain(project_dir=project)
+    assert night["decision"] == "retrained" and night["pending"] == len(rows), night["reason"]
+    assert pending_items(params, project) == 0
+    assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
