@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -88,7 +89,9 @@ def test_workers_keep_adaptive_malloc_and_leave_this_process_environment_alone()
     with local_cluster(2) as (cluster, threads), Client(cluster) as client:
         trim = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_")  # {worker: its value}
         omp = client.run(os.getenv, "OMP_NUM_THREADS")
+        levels = client.run(lambda: logging.getLogger("distributed").getEffectiveLevel())
     assert len(trim) == 2 and set(trim.values()) == {None} and set(omp.values()) == {str(threads)}
+    assert set(levels.values()) == {logging.WARNING}  # no INFO line per worker start, registration, retirement
     assert dict(os.environ) == before
 
 

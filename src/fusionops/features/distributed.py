@@ -82,6 +82,11 @@ def local_cluster(workers: int) -> Iterator[tuple[object, int]]:
 
     threads = max(1, (os.cpu_count() or 1) // workers)  # one worker per core share: no oversubscription
     environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    # Dask's INFO lines (each worker starting, registering, retiring: ~40 a run) only in debug logging (--verbose):
+    # the scheduler logs in this process, the workers read the level when they import distributed.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG and "DASK_LOGGING__DISTRIBUTED" not in os.environ:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
     saved = dict(os.environ)
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
