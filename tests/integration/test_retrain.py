@@ -157,6 +157,18 @@ def test_empty_inbox_trains_nothing(runs):
 
 def test_dvc_is_clean_after_the_flows(runs, project):
     assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+    # how the vectors are computed is not an input of the pipeline: only what their values depend on
+    written = (project / "params.yaml").read_text()
+    params = yaml.safe_load(written)
+    params["features"].update(executor="dask", dask_address="tcp://10.0.0.1:8786", batch_size=64, num_workers=3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+        params["features"]["precision"] = "fp32"
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "features.precision" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+    finally:
+        (project / "params.yaml").write_text(written)
 
 
 def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path):
