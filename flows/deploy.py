@@ -20,11 +20,30 @@ from retrain import retrain  # noqa: E402
 from training_pipeline import check_project, parse_project_dir  # noqa: E402
 
 
+def check_not_on_a_work_pool(name: str) -> None:
+    """A deployment of this name on a work pool (`fusionops platform up` made it) is its workers' to run: serving it
+    here would take it off the pool, and pause it when this process stops. Refuse, and say what to do instead."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(f"retrain/{name}")
+    except Exception:  # noqa: BLE001 - not deployed yet (or no server): serving it is what this script is for
+        return
+    if deployment.work_pool_name:
+        print(f"error: retrain/{name} runs on work pool {deployment.work_pool_name!r} of this Prefect server "
+              f"(fusionops platform up): serving it here would take it off the pool and pause it when this stops. "
+              f"Run it now with `prefect deployment run 'retrain/{name}'`, or set schedule.deployment to another name",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def serve(project_dir: Path) -> None:
     from fusionops.config import load_params
 
     project_dir = project_dir.resolve()
     schedule = load_params(project_dir / "params.yaml").schedule
+    check_not_on_a_work_pool(schedule.deployment)
     retrain.serve(
         name=schedule.deployment,
         schedule=Cron(schedule.cron, timezone=schedule.timezone),

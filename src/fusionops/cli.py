@@ -581,21 +581,26 @@ def platform_up(
 def platform_status(params_path: ParamsOption = None, dir_: DirOption = None,
                     postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                     prefect_port: PrefectPort = None) -> None:
-    """Each service, its URL, whether `up` started it and whether it answers; exit 1 when one does not."""
+    """Each service, its URL, whether `up` started it and whether it answers; exit 1 when one does not.
+
+    The deployments row answers when every deployment is on the worker's pool and none is paused.
+    """
     from rich.table import Table
 
     from fusionops.platform import status
 
-    platform, _ = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
-                            prefect_port=prefect_port)
+    platform, params = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
+                                 prefect_port=prefect_port)
     table = Table("service", "url", "pid", "answers")
-    services = status(platform)
+    services = status(platform, params.schedule.deployment)
     for s in services:
         table.add_row(s.name, s.url, str(s.pid or "-"), "[green]yes[/]" if s.answers else "[red]no[/]")
     Console(width=160).print(table)
-    if not all(s.answers for s in services):
-        raise UserError(f"not answering: {', '.join(s.name for s in services if not s.answers)} "
-                        f"(`fusionops platform up` starts them; logs in {platform.root / 'logs'})")
+    failing = [s for s in services if not s.answers]
+    if failing:
+        said = [s.name if s.name != "deployments" else f"deployments ({s.url})" for s in failing]
+        raise UserError(f"not answering: {', '.join(said)} (`fusionops platform up` starts the services and deploys "
+                        f"prefect.yaml again; logs in {platform.root / 'logs'})")
 
 
 @platform_app.command("down")

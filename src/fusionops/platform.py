@@ -604,6 +604,27 @@ def deployments(platform: Platform) -> list[str]:
     return _with_prefect_api(platform, read)
 
 
+def deployment_problems(platform: Platform, nightly: str) -> list[str]:
+    """What keeps the deployments from running on the platform's worker: one paused, or the nightly one missing or
+    taken off the work pool (`flows/deploy.py` against this server serves it itself, and pauses it when it stops)."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            flows = {f.id: f.name for f in await client.read_flows()}
+            return [(f"{flows.get(d.flow_id, '?')}/{d.name}", d.paused, d.work_pool_name)
+                    for d in await client.read_deployments()]
+
+    found = {name: (paused, pool) for name, paused, pool in _with_prefect_api(platform, read)}
+    problems = [f"{name} is paused" for name, (paused, _) in sorted(found.items()) if paused]
+    wanted = f"retrain/{nightly}"
+    if wanted not in found:
+        problems.append(f"{wanted} is not deployed")
+    elif found[wanted][1] != platform.work_pool:
+        problems.append(f"{wanted} is not on work pool {platform.work_pool} (served by flows/deploy.py?)")
+    return problems
+
+
 # --- the commands ----------------------------------------------------------------------------------------------------
 
 
@@ -650,10 +671,12 @@ class ServiceStatus:
     answers: bool
 
 
-def status(platform: Platform) -> list[ServiceStatus]:
+def status(platform: Platform, nightly: str) -> list[ServiceStatus]:
+    """Each service, and the deployments: all on the worker's pool and none paused (`up` deploys them again)."""
     postgres = f"postgresql://{DB_USER}@{platform.host}:{platform.postgres_port}"
     prefect_ok = _http_ok(f"{platform.prefect_api_url}/health")
     ours = _our_pid(platform, "postgres")
+    problems = deployment_problems(platform, nightly) if prefect_ok else ["the Prefect server does not answer"]
     return [
         ServiceStatus("postgres", postgres, ours, ours is not None and _postgres_running(platform)),
         ServiceStatus("mlflow", platform.mlflow_url, _our_pid(platform, "mlflow"),
@@ -661,6 +684,8 @@ def status(platform: Platform) -> list[ServiceStatus]:
         ServiceStatus("prefect", platform.prefect_api_url, _our_pid(platform, "prefect"), prefect_ok),
         ServiceStatus("worker", f"work pool {platform.work_pool}", _our_pid(platform, "worker"),
                       prefect_ok and _worker_online(platform)),
+        ServiceStatus("deployments", "; ".join(problems) or f"on work pool {platform.work_pool}, none paused", None,
+                      not problems),
     ]
 
 

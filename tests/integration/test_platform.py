@@ -30,7 +30,7 @@ def _fusionops(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Com
 def test_status_shows_every_service_answering(team_platform):
     result = _fusionops("platform", "status", *team_platform["flags"], cwd=team_platform["project"])
     assert result.returncode == 0, result.stdout + result.stderr
-    for service in ("postgres", "mlflow", "prefect", "worker"):
+    for service in ("postgres", "mlflow", "prefect", "worker", "deployments"):
         row = next(line for line in result.stdout.splitlines() if f" {service} " in line)
         assert "yes" in row
     exports = _fusionops("platform", "env", *team_platform["flags"], cwd=team_platform["project"]).stdout
@@ -95,6 +95,30 @@ def test_prefect_yaml_deployments_on_the_work_pool_and_the_nightly_schedule(team
         assert deployment.work_pool_name == "fusionops" and deployment.parameters == {"project_dir": project}
     assert deployments["nightly"].schedules[0].schedule.cron == "0 2 * * *"
     assert nightly and {run.state_type.value for run in nightly} == {"SCHEDULED"}
+
+
+def test_the_nightly_deployment_stays_the_workers(team_platform):
+    """flows/deploy.py against the platform's server refuses to serve retrain/nightly (its runner would take it off
+    the pool and pause it on exit); a paused deployment fails `platform status`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = team_platform["project"]
+    served = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "flows/deploy.py"), "--project-dir",
+                             str(project)], env={**os.environ, "PREFECT_API_URL": team_platform["api"]},
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 1 and "retrain/nightly runs on work pool 'fusionops'" in served.stderr, served.stderr
+    assert "Traceback" not in served.stderr
+    with temporary_settings({PREFECT_API_URL: team_platform["api"]}), get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("retrain/nightly")
+        assert nightly.work_pool_name == "fusionops" and not nightly.paused
+        client.pause_deployment(nightly.id)
+        try:
+            paused = _fusionops("platform", "status", *team_platform["flags"], cwd=project)
+        finally:
+            client.resume_deployment(nightly.id)
+    assert paused.returncode == 1 and "deployments (retrain/nightly is paused)" in paused.stderr, paused.stderr
+    assert _fusionops("platform", "status", *team_platform["flags"], cwd=project).returncode == 0
 
 
 def test_training_pipeline_deployment_completes_on_the_worker(team_platform):
