@@ -129,6 +129,7 @@ def _markdown(result: dict) -> str:
 def retrain(project_dir: Path = Path(".")) -> dict:
     """Ingest new batches, version the data, check drift, retrain when params say so, let the gate decide."""
     from fusionops.drift import retrain_decision
+    from fusionops.features.distributed import check_scheduler
     from fusionops.ingest import pending_items
     from fusionops.lineage import data_version
     from fusionops.locks import project_lock
@@ -141,6 +142,7 @@ def retrain(project_dir: Path = Path(".")) -> dict:
     with project_lock(project_dir):
         batches = find_batches(project_dir)
         if batches:
+            check_scheduler(params.features)  # new items need vectors: with Dask away, stop before changing anything
             good, result["quarantined"] = check_batches(project_dir, batches)
             if good:
                 result["drift"] = measure_drift(project_dir, good)

@@ -127,6 +127,39 @@ def _project(params: Params) -> Check:
                  "fix params.yaml or fetch the data" if problems else "")
 
 
+def _dask(params: Params) -> Check:
+    from fusionops.errors import UserError
+    from fusionops.features.distributed import check_scheduler
+
+    features = params.features
+    if features.executor != "dask":
+        return Check("dask", True, "features.executor: local (no cluster needed)")
+    if not features.dask_address:
+        return Check("dask", True, f"a LocalCluster of {features.dask_workers} worker(s), started by each run")
+    try:
+        check_scheduler(features)
+    except UserError as err:
+        return Check("dask", False, str(err).split(": start it")[0], "start the scheduler, or set "
+                     "features.dask_address: null (a LocalCluster) or features.executor: local")
+    return Check("dask", True, f"a scheduler listens at {features.dask_address}")
+
+
+def _prefect() -> Check:
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return Check("prefect", True, "PREFECT_API_URL unset: each flow runs on an ephemeral API in its own process")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
+            ok = response.status == 200
+    except OSError as err:
+        return Check("prefect", False, f"{url} does not answer ({err})",
+                     "start the server (`fusionops platform up`) or fix PREFECT_API_URL")
+    return Check("prefect", ok, f"API at {url} {'answers' if ok else 'is unhealthy'}",
+                 "" if ok else "see the Prefect server's log")
+
+
 def _dvc(root: Path) -> Check:
     ok = (root / ".dvc").is_dir()
     return Check("dvc", ok, f"DVC repository at {root}" if ok else f"no .dvc in {root}",
@@ -137,8 +170,8 @@ def run_checks(params: Params, root: Path) -> list[Check]:
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("python", _python), ("packages", _packages), ("encoders", lambda: _encoders(params)),
         ("folders", lambda: _writable(params)), ("disk", lambda: _disk(params)), ("device", _accelerator),
-        ("mlflow", lambda: _tracking(params)), ("offline", _offline), ("dvc", lambda: _dvc(root)),
-        ("project", lambda: _project(params)),
+        ("mlflow", lambda: _tracking(params)), ("prefect", _prefect), ("dask", lambda: _dask(params)),
+        ("offline", _offline), ("dvc", lambda: _dvc(root)), ("project", lambda: _project(params)),
     ]
     results = []
     for name, check in checks:

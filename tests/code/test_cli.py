@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import free_port
+
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -182,6 +184,14 @@ def test_doctor_passes_here_and_names_what_to_fix(project, tmp_path_factory):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     broken = run("doctor", cwd=project)
     assert broken.returncode == 1 and "FAIL" in broken.stdout and "encoders, project" in broken.stderr
+    dead = f"127.0.0.1:{free_port()}"  # the team engines configured, and not there
+    (project / "params.yaml").write_text(yaml.safe_dump(
+        params | {"features": {**params["features"], "executor": "dask", "dask_address": f"tcp://{dead}"}}))
+    away = run("doctor", cwd=project, env={"PREFECT_API_URL": f"http://{dead}/api"})
+    assert away.returncode == 1 and "encoders, prefect, dask, project" in away.stderr, away.stdout + away.stderr
+    assert re.search(r"dask\s*│\s*FAIL\s*│\s*no Dask scheduler answers", away.stdout), away.stdout
+    assert re.search(r"prefect\s*│\s*FAIL\s*│\s*http://127.0.0.1:\d+/api does not answer", away.stdout), away.stdout
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert re.search(r"encoders\s*│\s*FAIL", broken.stdout) and "UserError" in broken.stdout
     assert "train.head 'concatt' is not one of attention, concat, gated" in broken.stdout
     misspelt = params | {"train": {**params["train"], "head": "concat", "batch_szie": 8}}

@@ -234,3 +234,23 @@ def test_rows_a_failed_run_prepared_are_still_pending(runs, project, flows, demo
     assert night["decision"] == "retrained" and night["pending"] == len(rows), night["reason"]
     assert pending_items(params, project) == 0
     assert "Data and pipelines are up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
+
+
+def test_an_unreachable_dask_scheduler_stops_the_night_before_anything_changes(runs, project, flows, demo_manifest):
+    from fusionops.errors import UserError
+    from helpers import free_port
+
+    written = (project / "params.yaml").read_text()
+    params = yaml.safe_load(written)
+    params["features"].update(executor="dask", dask_address=f"tcp://127.0.0.1:{free_port()}")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    put_batch(project, "2026-11-09", take_slice(demo_manifest, 1, skip_groups=80))
+    before = raw_version(project)
+    try:
+        with pytest.raises(UserError, match="no Dask scheduler answers at features.dask_address"):
+            flows.retrain(project_dir=project)
+        assert (project / "data/inbox/2026-11-09/manifest.csv").is_file()  # waits for the next night
+        assert raw_version(project) == before
+    finally:
+        (project / "params.yaml").write_text(written)
+        shutil.rmtree(project / "data/inbox/2026-11-09", ignore_errors=True)

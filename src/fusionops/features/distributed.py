@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -102,6 +103,27 @@ def local_cluster(workers: int) -> Iterator[tuple[object, int]]:
         os.environ.update(saved)
 
 
+def _unreachable(address: str, err: object) -> UserError:
+    return UserError(f"no Dask scheduler answers at features.dask_address = {address} ({err}): start it, or set "
+                     f"features.dask_address: null for a local cluster")
+
+
+def check_scheduler(params: FeaturesParams, timeout: float = 5.0) -> None:
+    """With features.executor: dask and a dask_address, that something listens there (a TCP connect, not Dask's
+    30 s of retries): a run stops at once, before it changes anything, instead of failing at its features stage."""
+    from urllib.parse import urlsplit
+
+    if params.executor != "dask" or not params.dask_address:
+        return
+    address = urlsplit(params.dask_address if "://" in params.dask_address else f"tcp://{params.dask_address}")
+    if address.scheme not in ("tcp", "tls") or not address.hostname or not address.port:
+        return  # another transport: Dask's own connect says what is wrong
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=timeout).close()
+    except OSError as err:
+        raise _unreachable(params.dask_address, err) from None
+
+
 @contextmanager
 def dask_client(params: FeaturesParams) -> Iterator[tuple[object, int | None]]:
     """(client, torch threads per worker): the scheduler at features.dask_address, or a LocalCluster of
@@ -109,11 +131,11 @@ def dask_client(params: FeaturesParams) -> Iterator[tuple[object, int | None]]:
     from distributed import Client
 
     if params.dask_address:
+        check_scheduler(params)
         try:
             client = Client(params.dask_address)  # waits distributed.comm.timeouts.connect (30 s)
         except (OSError, TimeoutError) as err:
-            raise UserError(f"no Dask scheduler answers at features.dask_address = {params.dask_address} ({err}): "
-                            f"start it, or set features.dask_address: null for a local cluster") from None
+            raise _unreachable(params.dask_address, err) from None
         with client:
             yield client, None  # a real cluster's workers are sized by whoever runs them (docs/scaling.md)
         return
