@@ -110,7 +110,7 @@ def _report(project_dir: Path, metrics: dict, stages: dict[str, str], registered
 |---|---|---|
 {table}
 
-Model: **{registered['name']}** version **{registered['version']}** ({_registered(registered)}).
+Model: **{registered['name']}** version **{registered['version']}** ({_registered(registered, gate)}).
 Promotion gate: {gate_line(gate, registered)}.
 Data version (DVC): `{data_version(project_dir, params.data.images_root)}`; label column `{params.data.label_column}`.
 
@@ -129,8 +129,12 @@ def gate_line(gate: dict, registered: dict) -> str:
     return f"{gate['decision']}: {gate['reason']}; champion is version {gate['champion']}"
 
 
-def _registered(reg: dict) -> str:
-    return ", ".join(reg["aliases"]) if reg["new"] else "already registered: same weights"
+def _registered(reg: dict, gate: dict) -> str:
+    """The version's aliases after the gate (registration made it challenger; the gate may have made it champion)."""
+    if not reg["new"]:
+        return "already registered: same weights"
+    promoted = gate.get("decision") == "promoted" and str(gate.get("champion")) == str(reg["version"])
+    return ", ".join(reg["aliases"] + (["champion"] if promoted and "champion" not in reg["aliases"] else []))
 
 
 @flow(name="training_pipeline", log_prints=True)
@@ -173,7 +177,7 @@ def _summary(project_dir: Path, result: dict) -> str:
         "fusionops training_pipeline: done",
         f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} "
         f"({test['items']} test items, label '{params.data.label_column}')",
-        f"  model         models:/{reg['name']}/{reg['version']} ({_registered(reg)})",
+        f"  model         models:/{reg['name']}/{reg['version']} ({_registered(reg, result['promotion'])})",
         f"  gate          {gate_line(result['promotion'], reg)}",
         f"  reports       {rel(params.evaluate.metrics)}, {rel(params.evaluate.per_class)}, "
         f"{rel(params.validate_.report)}",

@@ -142,6 +142,14 @@ def test_the_summary_says_the_first_version_had_nothing_to_compare_with(first_ru
                for line in flow_module._summary(project, second_run).splitlines())
 
 
+def test_the_report_gives_a_promoted_version_its_champion_alias(flow_module):
+    """Registration makes a version challenger; a promotion in the same run makes it champion too."""
+    registered = {"name": "m", "version": "3", "new": True, "aliases": ["challenger"]}
+    assert flow_module._registered(registered, {"decision": "promoted", "champion": "3"}) == "challenger, champion"
+    assert flow_module._registered(registered, {"decision": "unchanged", "champion": "2"}) == "challenger"
+    assert flow_module._registered(registered | {"new": False}, {}) == "already registered: same weights"
+
+
 def test_second_run_skips_stages_and_registers_nothing_new(second_run):
     """Nothing changed: DVC runs no stage, the same weights are not registered twice, the gate has nothing to do."""
     assert set(second_run["stages"].values()) == {"skipped (up to date)"}
