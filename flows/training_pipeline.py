@@ -156,6 +156,10 @@ def training_pipeline(project_dir: Path = Path(".")) -> dict:
         metrics = json.loads(load_params(project_dir / "params.yaml").evaluate.metrics.read_text())
     markdown = _report(project_dir, metrics, stages, registered, gate)
     create_markdown_artifact(markdown, key="training-report", description="metrics, registered version, gate, data")
+    test = metrics["test"]
+    get_run_logger().info("test accuracy %.4f, macro-F1 %.4f; models:/%s/%s (%s); gate %s", test["accuracy"],
+                          test["macro_f1"], registered["name"], registered["version"],
+                          _registered(registered, gate), gate_line(gate, registered))
     return {"metrics": metrics, "registered": registered, "promotion": gate, "stages": stages}
 
 

@@ -124,9 +124,13 @@ def test_flow_publishes_a_markdown_report(first_run):
 
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts()
+        logs = [log.message for log in prefect.read_logs()]
     reports = [a.data for a in artifacts if a.key == "training-report"]
     first = [r for r in reports if "version **1**" in r]
     assert first and "| fusion |" in first[0] and "Data version (DVC)" in first[0]
+    # ...and the run's log says the outcome in a line (a deployment's run has no terminal to print to)
+    assert any(m.startswith("test accuracy ") and "/1 (challenger, champion); gate nothing to compare" in m
+               for m in logs), [m for m in logs if "accuracy" in m]
 
 
 def test_the_summary_says_the_first_version_had_nothing_to_compare_with(first_run, second_run, project,
