@@ -617,11 +617,20 @@ def platform_down(params_path: ParamsOption = None, dir_: DirOption = None) -> N
 def platform_env(params_path: ParamsOption = None, dir_: DirOption = None,
                  postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                  prefect_port: PrefectPort = None) -> None:
-    """Print the exports that point the pipeline at the platform: eval "$(fusionops platform env)"."""
+    """Print the exports that point the pipeline at the platform: eval "$(fusionops platform env)".
+
+    They are printed even when the platform is down (a note says so on stderr): they are where it will answer.
+    """
+    from fusionops.platform import silent_servers
+
     platform, _ = _platform(params_path, dir=dir_, postgres_port=postgres_port, mlflow_port=mlflow_port,
                             prefect_port=prefect_port)
     for key, value in platform.env().items():
         print(f"export {key}={value}")
+    down = silent_servers(platform)
+    if down:
+        err.print(f"note: not answering now: {', '.join(down)} (`fusionops platform up` starts them)", markup=False,
+                  highlight=False)
 
 
 def main() -> None:

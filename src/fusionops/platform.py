@@ -220,6 +220,12 @@ def _wait(platform: Platform, service: str, ready, process: subprocess.Popen | N
                         f"status`, or `down`); see {platform.log_file(service)}:\n{_tail(platform.log_file(service))}")
 
 
+def silent_servers(platform: Platform) -> list[str]:
+    """The platform's servers that do not answer their health check now (of mlflow and prefect)."""
+    return [name for name, url in (("mlflow", f"{platform.mlflow_url}/health"),
+                                   ("prefect", f"{platform.prefect_api_url}/health")) if not _http_ok(url)]
+
+
 def _http_ok(url: str) -> bool:
     import requests
 

@@ -215,6 +215,7 @@ def test_commands_read_the_project_params_from_a_subfolder(tmp_path):
     (tmp_path / "data/raw").mkdir(parents=True)
     inside = run("platform", "env", cwd=tmp_path / "data/raw")
     assert inside.returncode == 0 and "MLFLOW_TRACKING_URI=http://127.0.0.1:5999" in inside.stdout, inside.stderr
+    assert "note: not answering now: mlflow" in inside.stderr  # the exports are printed all the same, for `eval`
     given = run("platform", "env", "--params", "./params.yaml", cwd=tmp_path / "data/raw")  # as given: not searched
     assert given.returncode == 1 and f"{tmp_path / 'data/raw/params.yaml'} not found" in given.stderr
     assert not (tmp_path / "data/raw/.team").exists() and not (tmp_path / "data/raw/mlflow.db").exists()

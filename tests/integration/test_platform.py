@@ -33,7 +33,9 @@ def test_status_shows_every_service_answering(team_platform):
     for service in ("postgres", "mlflow", "prefect", "worker", "deployments"):
         row = next(line for line in result.stdout.splitlines() if f" {service} " in line)
         assert "yes" in row
-    exports = _fusionops("platform", "env", *team_platform["flags"], cwd=team_platform["project"]).stdout
+    env = _fusionops("platform", "env", *team_platform["flags"], cwd=team_platform["project"])
+    exports = env.stdout
+    assert "not answering" not in env.stderr, env.stderr
     assert f"export MLFLOW_TRACKING_URI={team_platform['mlflow']}" in exports
     assert f"export PREFECT_API_URL={team_platform['api']}" in exports
 
