@@ -444,13 +444,17 @@ def ingest(
         for batch, report in bad:
             where = quarantine(batch, report, params.retrain.quarantine)
             listed = report.summary(rest=f"all in {_rel(where / 'validation.json')}")
-            err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{listed}", markup=False)
+            err.print(f"batch {batch.name} quarantined in {_rel(where)}:\n{listed}\nfix it there, then "
+                      f"`fusionops ingest {_rel(where)}`", markup=False)
         result = add_batches(good, params, root)
     for name, rows in result["appended"].items():
-        out.print(f"batch {name}: {rows} rows appended to {_rel(params.data.manifest)}")
+        out.print(f"batch {name}: {rows} rows appended to {_rel(params.data.manifest)}, images in "
+                  f"{_rel(result['images'][name])}; the batch folder moved to {_rel(result['archived'][name])}",
+                  markup=False)
     if result["appended"]:
         pushed = ", pushed to the DVC remote" if result["versioned"]["pushed"] else ""
-        out.print(f"new data version in {result['versioned']['dvc_file']}{pushed}; run the pipeline to train on it")
+        out.print(f"new data version in {result['versioned']['dvc_file']}{pushed}; train on it with `dvc repro` (then "
+                  "`fusionops register`) or `python flows/training_pipeline.py`", markup=False)
     if bad:
         raise DataError(f"{len(bad)} of {len(batches)} batch(es) quarantined")
 

@@ -135,8 +135,9 @@ def _target(params: Params, name: str, manifest: pd.DataFrame) -> Path:
     return candidate
 
 
-def append_batch(batch: Batch, params: Params) -> int:
-    """Copy a checked batch's images under the images root and add its rows to the raw manifest.
+def append_batch(batch: Batch, params: Params) -> tuple[int, Path]:
+    """Copy a checked batch's images under the images root and add its rows to the raw manifest: (rows added,
+    the folder its images went to).
 
     The images are copied into a temporary folder renamed into place, then the manifest is replaced atomically:
     whenever the run stops, the manifest never names an image that is not there.
@@ -159,7 +160,7 @@ def append_batch(batch: Batch, params: Params) -> int:
             merged.to_csv(tmp, index=False)
         else:
             merged.to_parquet(tmp, index=False)
-    return len(rows)
+    return len(rows), target
 
 
 def archive(batch: Batch, processed_dir: Path, appended: int) -> Path:
@@ -210,12 +211,13 @@ def add_batches(good: list[Batch], params: Params, root: Path) -> dict:
     """
     from fusionops.versioning import version_data
 
-    appended = {}
+    appended, stored, archived = {}, {}, {}
     for batch in good:
-        appended[batch.name] = append_batch(batch, params)
-        archive(batch, params.retrain.processed, appended[batch.name])
+        appended[batch.name], stored[batch.name] = append_batch(batch, params)
+        archived[batch.name] = archive(batch, params.retrain.processed, appended[batch.name])
     versioned = version_data(Path(params.data.images_root), root, params.remote)
-    return {"appended": appended, "rows": sum(appended.values()), "versioned": versioned}
+    return {"appended": appended, "rows": sum(appended.values()), "versioned": versioned, "images": stored,
+            "archived": archived}
 
 
 def trained_manifest(params: Params, root: Path) -> Path | None:

@@ -179,6 +179,7 @@ def test_ingest_command_quarantines_a_bad_batch(project, demo_manifest, tmp_path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unknown label 'Spaceships'" in result.stderr
     assert result.stderr.count("quarantined in") == 1, result.stderr  # said once, not also as a log line
+    assert "fix it there, then `fusionops ingest data/quarantine/batch`" in result.stderr
     assert raw_version(project) == before and not batch.exists()
     again = subprocess.run([str(Path(sys.executable).with_name("fusionops")), "ingest", str(batch)], cwd=project,
                            capture_output=True, text=True, timeout=300)
@@ -224,8 +225,10 @@ def test_rows_a_failed_run_prepared_are_still_pending(runs, project, flows, demo
     from fusionops.ingest import pending_items
 
     rows = take_slice(demo_manifest, 1, skip_groups=70)
-    sh(str(Path(sys.executable).with_name("fusionops")), "ingest", str(write_dataset(rows, tmp_path / "late")),
-       cwd=project)
+    said = sh(str(Path(sys.executable).with_name("fusionops")), "ingest", str(write_dataset(rows, tmp_path / "late")),
+              cwd=project)
+    assert (f"batch late: {len(rows)} rows appended to data/raw/manifest.csv, images in data/raw/batches/late; the "
+            "batch folder moved to data/processed/late") in said and "`dvc repro`" in said
     params = load_params(project / "params.yaml")
     assert pending_items(params, project) == len(rows)
     sh(sys.executable, "-m", "dvc", "repro", "prepare", cwd=project)  # ... and the run stops there
