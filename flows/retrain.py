@@ -49,7 +49,9 @@ def check_batches(project_dir: Path, batches: list) -> tuple[list, list]:
     quarantined = []
     for batch, report in bad:
         folder = quarantine(batch, report, params.retrain.quarantine)
-        get_run_logger().warning("batch %s quarantined in %s: %d problem(s)", batch.name, folder, len(report.problems))
+        get_run_logger().warning("batch %s quarantined in %s: %d problem(s): %s%s", batch.name, folder,
+                                 len(report.problems), "; ".join(str(p) for p in report.problems[:5]),
+                                 "; ..." if len(report.problems) > 5 else "")
         quarantined.append({"batch": batch.name, "folder": str(folder), "problem_count": len(report.problems),
                             "problems": [str(p) for p in report.problems[:20]]})
     return good, quarantined
