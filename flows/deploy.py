@@ -24,16 +24,21 @@ def check_not_on_a_work_pool(name: str) -> None:
     """A deployment of this name on a work pool (`fusionops platform up` made it) is its workers' to run: serving it
     here would take it off the pool, and pause it when this process stops. Refuse, and say what to do instead."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     try:
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(f"retrain/{name}")
-    except Exception:  # noqa: BLE001 - not deployed yet (or no server): serving it is what this script is for
+    except ObjectNotFound:  # not deployed yet: serving it is what this script is for
         return
+    except Exception as err:  # noqa: BLE001 - unknown: serving could take it off a pool, so do not
+        print(f"error: cannot tell whether retrain/{name} runs on a work pool ({type(err).__name__}: {err}): check "
+              "PREFECT_API_URL and the server", file=sys.stderr)
+        sys.exit(1)
     if deployment.work_pool_name:
         print(f"error: retrain/{name} runs on work pool {deployment.work_pool_name!r} of this Prefect server "
               f"(fusionops platform up): serving it here would take it off the pool and pause it when this stops. "
-              f"Run it now with `prefect deployment run 'retrain/{name}'`, or set schedule.deployment to another name",
+              f"Run it now with `prefect deployment run 'retrain/{name}'`, or serve on another Prefect server",
               file=sys.stderr)
         sys.exit(1)
 

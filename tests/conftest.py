@@ -21,9 +21,10 @@ os.environ.update({
     "PREFECT_HOME": tempfile.mkdtemp(prefix="fusionops-prefect-"),
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 })
-os.environ.pop("MLFLOW_TRACKING_URI", None)
+for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL", "PREFECT_API_URL"):  # a shell's platform env, etc.
+    os.environ.pop(leaked, None)
 
-from helpers import DEMO, take_slice, write_dataset
+from helpers import DEMO, take_slice, write_dataset  # noqa: E402 - after the environment above
 
 
 @pytest.fixture(scope="session")
@@ -152,10 +153,12 @@ def zoo(tmp_path_factory, demo_manifest):
 
 @pytest.fixture(autouse=True)
 def _tracking_uri_does_not_leak():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one test's store must not become the next one's."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, and the CLI run in-process (CliRunner) or a flow module
+    sets MLFLOW_LOGGING_LEVEL: one test's settings must not become the next one's."""
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

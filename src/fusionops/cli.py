@@ -454,7 +454,7 @@ def ingest(
     if result["appended"]:
         pushed = ", pushed to the DVC remote" if result["versioned"]["pushed"] else ""
         out.print(f"new data version in {result['versioned']['dvc_file']}{pushed}; train on it with `dvc repro` (then "
-                  "`fusionops register`) or `python flows/training_pipeline.py`", markup=False)
+                  "`fusionops register` and `fusionops promote`) or the training_pipeline flow", markup=False)
     if bad:
         raise DataError(f"{len(bad)} of {len(batches)} batch(es) quarantined")
 

@@ -24,7 +24,7 @@ import pandas as pd
 from fusionops.atomic import atomic_path, write_json
 from fusionops.config import Params
 from fusionops.data.manifest import read_manifest, to_canonical
-from fusionops.errors import DataError
+from fusionops.errors import DataError, UserError
 from fusionops.labels import known_labels
 from fusionops.validation import Problem, Report, validate
 
@@ -222,8 +222,8 @@ def add_batches(good: list[Batch], params: Params, root: Path) -> dict:
 
 def trained_manifest(params: Params, root: Path) -> Path | None:
     """The prepared manifest the current model was trained from. dvc.lock's train stage names it by hash; when a run
-    prepared new data and then failed before training, that older version is read from the DVC cache. None when
-    nothing was trained yet, or when that version is no longer in the cache."""
+    prepared new data and then failed before training, that older version is read from the DVC cache (when it is no
+    longer there, the current one stands in, with a warning). None when nothing was trained yet."""
     import hashlib
 
     import yaml
@@ -239,8 +239,15 @@ def trained_manifest(params: Params, root: Path) -> Path | None:
     if prepared.is_file() and hashlib.md5(prepared.read_bytes()).hexdigest() == entry["md5"]:
         return prepared
     md5 = entry["md5"]
-    cached = Path(dvc("cache", "dir", cwd=root).strip()) / "files" / "md5" / md5[:2] / md5[2:]
-    return cached if cached.is_file() else None
+    try:
+        cached = Path(dvc("cache", "dir", cwd=root).strip()) / "files" / "md5" / md5[:2] / md5[2:]
+    except UserError:
+        cached = None
+    if entry.get("hash") == "md5" and cached is not None and cached.is_file():
+        return cached
+    log.warning("the prepared manifest the model was trained from (md5 %s) is not in the DVC cache: counting what "
+                "the current one holds as trained on", md5)
+    return prepared if prepared.is_file() else None
 
 
 def pending_items(params: Params, root: Path) -> int:

@@ -682,7 +682,12 @@ def status(platform: Platform, nightly: str) -> list[ServiceStatus]:
     postgres = f"postgresql://{DB_USER}@{platform.host}:{platform.postgres_port}"
     prefect_ok = _http_ok(f"{platform.prefect_api_url}/health")
     ours = _our_pid(platform, "postgres")
-    problems = deployment_problems(platform, nightly) if prefect_ok else ["the Prefect server does not answer"]
+    problems = ["the Prefect server does not answer"]
+    if prefect_ok:
+        try:
+            problems = deployment_problems(platform, nightly)
+        except Exception as err:  # noqa: BLE001 - /health answers without its database: a status, not a traceback
+            problems = [f"cannot read the deployments ({type(err).__name__})"]
     return [
         ServiceStatus("postgres", postgres, ours, ours is not None and _postgres_running(platform)),
         ServiceStatus("mlflow", platform.mlflow_url, _our_pid(platform, "mlflow"),

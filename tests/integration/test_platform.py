@@ -114,12 +114,14 @@ def test_the_nightly_deployment_stays_the_workers(team_platform):
     with temporary_settings({PREFECT_API_URL: team_platform["api"]}), get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("retrain/nightly")
         assert nightly.work_pool_name == "fusionops" and not nightly.paused
-        client.pause_deployment(nightly.id)
+        on_demand = client.read_deployment_by_name("training_pipeline/on-demand")  # unscheduled: pausing drops no run
+        client.pause_deployment(on_demand.id)
         try:
             paused = _fusionops("platform", "status", *team_platform["flags"], cwd=project)
         finally:
-            client.resume_deployment(nightly.id)
-    assert paused.returncode == 1 and "deployments (retrain/nightly is paused)" in paused.stderr, paused.stderr
+            client.resume_deployment(on_demand.id)
+    assert paused.returncode == 1 and "deployments (training_pipeline/on-demand is paused)" in paused.stderr, \
+        paused.stderr
     assert _fusionops("platform", "status", *team_platform["flags"], cwd=project).returncode == 0
 
 

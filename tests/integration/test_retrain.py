@@ -146,9 +146,13 @@ def test_bad_batch_is_quarantined_and_nothing_changes(runs, project):
     assert missing and all(str(project / "data/quarantine/2026-11-03") in p for p in missing)  # where it is now
     assert (project / "data/quarantine/2026-11-03/validation.json").is_file()
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+    from prefect.client.schemas.sorting import LogSort
 
     with get_client(sync_client=True) as prefect:  # the run's log names the problems, not only their number
-        logged = [log.message for log in prefect.read_logs() if "batch 2026-11-03 quarantined in" in log.message]
+        warnings = LogFilter(level=LogFilterLevel(ge_=30))
+        logged = [log.message for log in prefect.read_logs(warnings, limit=200, sort=LogSort.TIMESTAMP_DESC)
+                  if "batch 2026-11-03 quarantined in" in log.message]
     assert logged and "problem(s): " in logged[0] and "not found" in logged[0], logged
     assert runs["version_3"] == runs["version_2"]
     champion = str(mlflow_client().get_model_version_by_alias(MODEL_NAME, "champion").version)

@@ -121,10 +121,11 @@ def test_first_version_is_champion_with_lineage(first_run, project):
 
 def test_flow_publishes_a_markdown_report(first_run):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import LogSort
 
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts()
-        logs = [log.message for log in prefect.read_logs()]
+        logs = [log.message for log in prefect.read_logs(limit=200, sort=LogSort.TIMESTAMP_DESC)]
     reports = [a.data for a in artifacts if a.key == "training-report"]
     first = [r for r in reports if "version **1**" in r]
     assert first and "| fusion |" in first[0] and "Data version (DVC)" in first[0]

@@ -116,10 +116,15 @@ def check_scheduler(params: FeaturesParams, timeout: float = 5.0) -> None:
     if params.executor != "dask" or not params.dask_address:
         return
     address = urlsplit(params.dask_address if "://" in params.dask_address else f"tcp://{params.dask_address}")
-    if address.scheme not in ("tcp", "tls") or not address.hostname or not address.port:
+    try:
+        port = address.port
+    except ValueError:
+        raise UserError(f"features.dask_address = {params.dask_address} is not scheme://host:port (an IPv6 host in "
+                        "brackets, a port up to 65535)") from None
+    if address.scheme not in ("tcp", "tls") or not address.hostname or not port:
         return  # another transport: Dask's own connect says what is wrong
     try:
-        socket.create_connection((address.hostname, address.port), timeout=timeout).close()
+        socket.create_connection((address.hostname, port), timeout=timeout).close()  # the scheduler logs a bare close
     except OSError as err:
         raise _unreachable(params.dask_address, err) from None
 
