@@ -149,14 +149,20 @@ def features(params_path: ParamsOption = None) -> None:
 
 
 @app.command()
-def train(params_path: ParamsOption = None) -> None:
+def train(
+    params_path: ParamsOption = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--restart",
+        help="continue a killed run from its checkpoint (saved every epoch), or discard the checkpoint and start over",
+    )] = True,
+) -> None:
     """Train the fusion head (and the one-modality ablation heads) on the cached vectors."""
     from fusionops.features import load_features
     from fusionops.train import train as run
 
     params = load_params(params_path)
     summary = run(_prepared(params), load_features(params.features.out_dir), params.train,
-                  separator=params.data.separator)
+                  separator=params.data.separator, resume=resume)
     for variant, best in summary.items():
         out.print(f"{variant}: best epoch {best['epoch']}, val macro-F1 {best['val_macro_f1']:.4f}")
 

@@ -268,15 +268,20 @@ def training_labels(prepared: pd.DataFrame, separator: str | None = None) -> lis
     return labels
 
 
-def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, separator: str | None = None) -> dict:
+def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, separator: str | None = None,
+          resume: bool = True) -> dict:
     """Train the fused head and the one-modality ablations; write them under params.out_dir.
 
-    `separator`: multi-label mode (data.separator): label cells are tag lists joined by it."""
+    `separator`: multi-label mode (data.separator): label cells are tag lists joined by it.
+    `resume`: continue from this run's checkpoints when a killed run left them; False discards them first."""
     task = LabelTask(training_labels(prepared, separator), separator=separator)
     labels = task.labels
     train_data = split_data(prepared, features, task, "train")
     val_data = split_data(prepared, features, task, "val")
     checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params, separator)
+    if not resume and checkpoints.exists():
+        log.info("discarding the checkpoints of an unfinished run (%s): training from the start", checkpoints)
+        shutil.rmtree(checkpoints)
     histories, summary, train_seconds = {}, {}, {}
     for variant, modalities in VARIANTS.items():
         started = time.perf_counter()

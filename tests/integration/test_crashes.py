@@ -114,6 +114,25 @@ def test_killed_training_resumes_to_identical_models(project):
     assert not any(checkpoint.iterdir())  # finished: the checkpoints are gone
 
 
+def test_restart_discards_a_killed_runs_checkpoint(project):
+    project, _ = project
+    if not (project / "reference-models/fusion").exists():
+        run("features", cwd=project)
+        run("train", "--params", "reference.yaml", cwd=project)
+    (project / "models/fusion/model.safetensors").unlink(missing_ok=True)
+    proc = subprocess.Popen([FUSIONOPS, "train"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    checkpoint = project / ".cache/checkpoints"
+    kill_when(proc, lambda: any(checkpoint.glob("*/fusion.pt")))
+    restarted = run("train", "--restart", cwd=project)
+    assert "discarding the checkpoints" in restarted.stderr
+    assert "resuming from the checkpoint" not in restarted.stderr
+    assert "best epoch" in restarted.stdout
+    assert (project / "models/fusion/model.safetensors").read_bytes() == \
+        (project / "reference-models/fusion/model.safetensors").read_bytes()  # the same seed, from the start
+    assert not any(checkpoint.iterdir())
+
+
 def test_two_extractions_at_once_share_the_cache(project, tmp_path):
     project, distinct = project
     cache = tmp_path / "shared-cache"
