@@ -162,7 +162,7 @@ def train(
 
     params = load_params(params_path)
     summary = run(_prepared(params), load_features(params.features.out_dir), params.train,
-                  separator=params.data.separator, resume=resume)
+                  separator=params.data.separator, resume=resume, features_params=params.features)
     for variant, best in summary.items():
         out.print(f"{variant}: best epoch {best['epoch']}, val macro-F1 {best['val_macro_f1']:.4f}")
 
@@ -175,7 +175,7 @@ def evaluate(params_path: ParamsOption = None) -> None:
 
     params = load_params(params_path)
     metrics = run(_prepared(params), load_features(params.features.out_dir), params.train, params.evaluate,
-                  images_root=params.data.images_root)
+                  images_root=params.data.images_root, features_params=params.features)
     t, ab = metrics["test"], metrics["ablation"]
     out.print(f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} (n={t['items']}); "
               f"image only {ab['image_only']['accuracy']:.4f}, text only {ab['text_only']['accuracy']:.4f}")

@@ -124,11 +124,35 @@ class FeaturesParams(Section):
     text: TextEncoderParams = TextEncoderParams()
 
 
+class TextFinetuneParams(Section):
+    """How the text encoder is fine-tuned when train.text_encoder is finetune."""
+
+    lr: float = Field(1e-4, gt=0, description="the encoder's learning rate (its top layer's, with layer_decay)")
+    head_lr: float = Field(1e-3, gt=0, description="the learning rate of the text head trained with it")
+    layers: int | Literal["all"] = Field(
+        "all", description="how many of the top transformer layers train (the embeddings never do)")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="each layer trains at this times the rate above it")
+    warmup_epochs: int = Field(1, ge=0, description="linear warm-up of both rates, then cosine to 0 at max_epochs")
+    max_epochs: int = Field(12, ge=1)
+    patience: int = Field(3, ge=1, description="epochs without a better validation macro-F1 before stopping")
+    batch_texts: int = Field(32, ge=1, description="distinct texts per step (with every item that has them)")
+
+    @model_validator(mode="after")
+    def _some_layers(self) -> TextFinetuneParams:
+        if self.layers != "all" and self.layers < 1:
+            raise ValueError(f"train.text_finetune.layers must be 'all' or at least 1 (got {self.layers})")
+        return self
+
+
 class TrainParams(Section):
     out_dir: Path = Path("models")
     history: Path = Field(Path("reports/train_history"), description="folder: one CSV of epochs per variant")
     head: str = Field("concat", description="concat | gated | attention (the last two learn per-item modality "
                                             "weights, shown by `fusionops explain`)")
+    text_encoder: Literal["frozen", "finetune"] = Field(
+        "frozen", description="frozen: the features stage's text vectors; finetune: the encoder is tuned on the "
+                              "train split first (with the text-only head), then the heads train on its vectors")
+    text_finetune: TextFinetuneParams = TextFinetuneParams()
     modality_dropout: float = Field(0.5, ge=0, lt=1, description="share of training items that lose one modality")
     proj_dim: int = Field(256, ge=1)
     hidden_dim: int = Field(512, ge=1)
@@ -139,6 +163,8 @@ class TrainParams(Section):
     lr_warmup_epochs: int = Field(0, ge=0, description="linear warm-up from lr / (n + 1) (constant and cosine)")
     weight_decay: float = Field(1e-2, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    logit_adjustment: float = Field(0.0, ge=0, le=2, description="single-label: train on logits + this * log(class "
+                                                                "share), for the balanced error (macro-F1); 0: off")
     batch_size: int = Field(128, ge=1)
     max_epochs: int = Field(100, ge=1)
     patience: int = Field(10, ge=1)
@@ -155,6 +181,8 @@ class EvaluateParams(Section):
     per_class: Path = Path("reports/per_class.csv")
     confusion_matrix: Path = Path("reports/plots/confusion_matrix.png")
     reliability_diagram: Path = Path("reports/plots/reliability.png")
+    breakdown: list[str] = Field(["vendor"], description="raw manifest columns to break the test metrics down by "
+                                                          "(one table per column; [] for none)")
 
 
 class RegistryParams(Section):
@@ -256,6 +284,13 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _digest: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _single_label_settings(self) -> Params:
+        if self.data.label_mode == "multi" and self.train.logit_adjustment > 0:
+            raise ValueError("train.logit_adjustment corrects the shares of single-label classes: set it to 0 with "
+                             "data.label_mode: multi")
+        return self
 
     def resolve_paths(self, root: Path) -> Params:
         """Return a copy whose relative paths are anchored at `root` (the folder holding params.yaml)."""

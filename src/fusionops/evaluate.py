@@ -14,8 +14,11 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score, ham
 
 from fusionops.atomic import atomic_path, write_json
 from fusionops.calibration import calibration_summary, plot_reliability
-from fusionops.config import EvaluateParams, TrainParams
+from fusionops.config import EvaluateParams, FeaturesParams, TrainParams
+from fusionops.errors import UserError
 from fusionops.features import FeatureSet
+from fusionops.features.extract import text_vectors
+from fusionops.features.text import build_text_encoder
 from fusionops.labels import LabelTask, macro_f1
 from fusionops.models import load_model
 from fusionops.train import VARIANTS, SplitData, model_dir, predict_logits, split_data
@@ -76,17 +79,57 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], pa
     plt.close(fig)
 
 
+def model_features(folder: Path, config: dict, features: FeatureSet, texts: list[str],
+                   features_params: FeaturesParams | None) -> FeatureSet:
+    """The vectors a trained model reads: the features stage's, with a tuned text encoder's text vectors in place
+    of the frozen ones when the model has its own (from the cache the train stage filled, else computed)."""
+    recorded = config["encoders"]["text"]
+    if recorded["id"] == features.encoders["text"]["id"]:
+        return features
+    if not recorded.get("bundled"):
+        raise UserError(f"{folder} was trained on the text vectors of {recorded['id']}, but the features stage's "
+                        f"are {features.encoders['text']['id']}: run `dvc repro`")
+    if features_params is None:
+        raise ValueError("a model with its own text encoder needs the features params to compute its vectors")
+    tuned = features_params.text.model_copy(update={"model": str(Path(folder) / recorded["model"])})
+    encoder = build_text_encoder(tuned)
+    if encoder.id != recorded["id"]:
+        raise UserError(f"the tuned text encoder in {folder} is not the one the model was trained with (its id is "
+                        f"{encoder.id}, not {recorded['id']}): run `dvc repro`")
+    vectors, _ = text_vectors(texts, encoder, features_params, precision=recorded["precision"])
+    return FeatureSet(features.item_ids, features.image, vectors, config["encoders"])
+
+
+def breakdown(prepared: pd.DataFrame, test: SplitData, decisions: np.ndarray, columns: list[str]) -> dict:
+    """Test scores per value of each of `columns` (manifest columns prepare kept, e.g. the vendor)."""
+    rows = prepared.set_index("item_id").loc[test.item_ids]
+    out = {}
+    for column in columns:
+        if column not in rows.columns:
+            known = [c for c in prepared.columns if c not in ("item_id", "split")]
+            raise UserError(f"evaluate.breakdown names the column {column!r}, which the prepared manifest does not "
+                            f"have (it has: {', '.join(known)}): name one of the raw manifest's columns")
+        values = rows[column].astype(str).to_numpy()
+        out[column] = {value: scores(test.y.numpy()[values == value], decisions[values == value])
+                       for value in sorted(set(values))}
+    return out
+
+
 def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, params: EvaluateParams, *,
-             images_root: Path | None = None) -> dict:
+             images_root: Path | None = None, features_params: FeaturesParams | None = None) -> dict:
     """Score the fused head and each ablation on the test split; write metrics, tables and plots.
 
     With `images_root`, the latency of one item end to end (decode, both encoders, head) is measured too.
+    `features_params`: where a model's own (tuned) text encoder finds its cached vectors, and how it computes
+    missing ones.
     """
     metrics: dict = {"ablation": {}}
     for variant in VARIANTS:
-        model, config = load_model(model_dir(train.out_dir, variant))
+        folder = model_dir(train.out_dir, variant)
+        model, config = load_model(folder)
         task, temperature = LabelTask.from_config(config), config.get("temperature", 1.0)
-        test = split_data(prepared, features, task, "test")
+        vectors = model_features(folder, config, features, prepared["text"].tolist(), features_params)
+        test = split_data(prepared, vectors, task, "test")
         score = partial(_score, model, task, temperature)
         if variant != "fusion":
             metrics["ablation"][variant] = score(test.image, test.text, test.y)
@@ -97,13 +140,16 @@ def evaluate(prepared: pd.DataFrame, features: FeatureSet, train: TrainParams, p
             "no_text": score(test.image, torch.zeros_like(test.text), test.y),
             "no_image": score(torch.zeros_like(test.image), test.text, test.y),
         }
-        val = split_data(prepared, features, task, "val")
+        val = split_data(prepared, vectors, task, "val")
         metrics["val"] = score(val.image, val.text, val.y)
         # Measured before anything is written: when it fails (an image gone, other encoder weights), no report of
         # this run is left beside the previous run's metrics.
         latency = _latency(model, test, prepared, model_dir(train.out_dir, variant), images_root)
         logits = predict_logits(model, test.image, test.text)
         metrics["calibration"] = calibration_summary(logits, test.y, temperature)
+        if params.breakdown:
+            metrics["breakdown"] = breakdown(prepared, test, task.decide_logits(logits, temperature),
+                                             params.breakdown)
         plot_reliability(logits, test.y, temperature, params.reliability_diagram,
                          title=f"test reliability, n={len(test.y)}")
         _write_details(test, task.probabilities(logits, temperature), task, params)

@@ -127,13 +127,21 @@ class LabelTask:
             y[i, [self.index[t] for t in item]] = 1.0
         return y
 
-    def loss(self, label_smoothing: float = 0.0):
-        """Cross-entropy (single) or binary cross-entropy with targets smoothed towards 0.5 (multi)."""
+    def loss(self, label_smoothing: float = 0.0, *, prior: torch.Tensor | None = None, adjustment: float = 0.0):
+        """Cross-entropy (single) or binary cross-entropy with targets smoothed towards 0.5 (multi).
+
+        Single-label with `adjustment` > 0: the logit-adjusted loss (Menon et al., 2021), cross-entropy of the logits
+        plus adjustment * log(prior), the classes' shares in training: the logits themselves then learn the balanced
+        error, so rare classes are not given up for frequent ones (macro-F1), and serving is unchanged."""
         import torch
         from torch.nn import functional as F
 
         if not self.multi:
-            return torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            cross_entropy = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            if adjustment <= 0 or prior is None:
+                return cross_entropy
+            shift = adjustment * prior.clamp(min=1e-12).log()
+            return lambda logits, y: cross_entropy(logits + shift.to(logits.device, logits.dtype), y)
 
         def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.binary_cross_entropy_with_logits(logits.float(), y * (1 - label_smoothing) + label_smoothing / 2)

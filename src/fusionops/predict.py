@@ -24,15 +24,23 @@ from fusionops.validation import decode_problem
 log = logging.getLogger(__name__)
 
 
-def _encoder_params(recorded: dict, cls):
-    """Rebuild encoder params from what the features stage recorded (id and dim are results, not settings)."""
-    results = ("id", "dim", "weights_sha256", "precision")
-    return cls.model_validate({k: v for k, v in recorded.items() if k not in results})
+def _encoder_params(recorded: dict, cls, folder: Path):
+    """Rebuild encoder params from what the features stage recorded (id and dim are results, not settings); a
+    bundled (tuned) encoder's folder is inside the model's `folder`."""
+    results = ("id", "dim", "weights_sha256", "precision", "bundled", "tuned_from")
+    settings = {k: v for k, v in recorded.items() if k not in results}
+    if recorded.get("bundled"):
+        settings["model"] = str(Path(folder) / recorded["model"])
+    return cls.model_validate(settings)
 
 
 def _check_encoder(name: str, encoder, recorded: dict) -> None:
     """Other weights than at training: refuse. Same weights, other preprocessing code: warn (vectors may drift)."""
     trained_weights = recorded.get("weights_sha256", "")[:12] or recorded["id"].split("-w")[-1][:12]
+    if encoder.weights_sha256[:12] != trained_weights and recorded.get("bundled"):
+        raise UserError(f"the tuned {name} encoder in {encoder.folder} ({encoder.weights_sha256[:12]}) is not the one "
+                        f"this model was trained with ({trained_weights}): the model folder was changed; train or "
+                        "download the model again")
     if encoder.weights_sha256[:12] != trained_weights:
         raise UserError(
             f"the {name} encoder weights here ({encoder.weights_sha256[:12]}) are not the ones this model was "
@@ -80,8 +88,8 @@ class Predictor:
         self.dtype = autocast_dtype(self.device, precision or recorded["image"].get("precision", "auto"))
         self.text_dtype = self.dtype
         self.batch_size, self.num_workers = batch_size, loader_workers(num_workers)  # 'auto' as in features
-        self.image_encoder = build_image_encoder(_encoder_params(recorded["image"], ImageEncoderParams))
-        self.text_encoder = build_text_encoder(_encoder_params(recorded["text"], TextEncoderParams))
+        self.image_encoder = build_image_encoder(_encoder_params(recorded["image"], ImageEncoderParams, self.folder))
+        self.text_encoder = build_text_encoder(_encoder_params(recorded["text"], TextEncoderParams, self.folder))
         for name, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
             _check_encoder(name, encoder, recorded[name])
         if quantize:

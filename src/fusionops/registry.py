@@ -196,13 +196,17 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     from mlflow.entities import Metric, Param
 
     from fusionops.features.image import sha256_file
-    from fusionops.models import WEIGHTS_FILE
+    from fusionops.features.text import TUNED_WEIGHTS
+    from fusionops.models import TEXT_ENCODER_DIR, WEIGHTS_FILE
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, uri = _client(params)
     name = params.registry.model_name
     tags = {k: str(v) for k, v in tags.items() if v is not None}
     tags["model_sha256"] = sha256_file(Path(model_dir) / WEIGHTS_FILE)
+    tuned = Path(model_dir) / TEXT_ENCODER_DIR / TUNED_WEIGHTS
+    if tuned.is_file():  # the tuned text encoder is part of the model: `fusionops reproduce` checks it too
+        tags["text_encoder_sha256"] = sha256_file(tuned)
     existing = _already_registered(client, name, tags["model_sha256"])
     if existing is not None:
         _set_alias(client, name, CHALLENGER, existing)

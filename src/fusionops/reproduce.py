@@ -23,7 +23,8 @@ import yaml
 from fusionops.config import Params, RemoteParams, load_params
 from fusionops.errors import UserError
 from fusionops.features.image import sha256_file
-from fusionops.models import WEIGHTS_FILE
+from fusionops.features.text import TUNED_WEIGHTS
+from fusionops.models import TEXT_ENCODER_DIR, WEIGHTS_FILE
 from fusionops.train import model_dir
 from fusionops.versioning import configure_remote, dvc
 
@@ -183,6 +184,10 @@ def reproduce(model_uri: str, into: Path, params: Params, project: Path) -> dict
         raise UserError(f"`dvc repro` failed in {work} (its output is above); the folder is left as it is, for a look")
     weights = model_dir(logged.train.out_dir) / WEIGHTS_FILE
     rebuilt, registered = sha256_file(weights), lineage["tags"].get("model_sha256")
+    encoder = weights.parent / TEXT_ENCODER_DIR / TUNED_WEIGHTS  # a tuned text encoder: identical too
+    if lineage["tags"].get("text_encoder_sha256") or encoder.is_file():
+        rebuilt += "+" + (sha256_file(encoder) if encoder.is_file() else "none")
+        registered = f"{registered}+{lineage['tags'].get('text_encoder_sha256', 'none')}"
     return {"name": lineage["name"], "version": lineage["version"], "folder": work, "git_commit": commit,
             "uncommitted_code": code, "library_changes": libraries, "data_version": data, "weights": weights,
             "sha256": rebuilt, "registered_sha256": registered, "identical": rebuilt == registered,

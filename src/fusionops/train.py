@@ -24,14 +24,17 @@ from sklearn.metrics import accuracy_score
 
 from fusionops.atomic import atomic_dir, atomic_path, write_json
 from fusionops.calibration import fit_temperature
-from fusionops.config import TrainParams
+from fusionops.config import FeaturesParams, TextFinetuneParams, TrainParams
 from fusionops.device import autocast_dtype, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.explain import write_neighbours
 from fusionops.features import FeatureSet
+from fusionops.features.extract import text_vectors
+from fusionops.features.text import TextEncoder, build_text_encoder, write_encoder_folder
 from fusionops.labels import LabelTask, known_labels, macro_f1, tune_thresholds
-from fusionops.models import create_head, save_model
+from fusionops.models import TEXT_ENCODER_DIR, create_head, save_model
 from fusionops.progress import progress_bar
+from fusionops.text_tuning import TextTable, TunedText, parameter_groups, text_batches
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +137,13 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams):
     return sched.LambdaLR(optimizer, factor)
 
 
-def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torch.Tensor, *, batch_size: int,
-                 device: torch.device, dtype, modality_dropout: float = 0.0,
-                 generator: torch.Generator | None = None) -> float:
+def train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, batches: list[torch.Tensor], *,
+                device: torch.device, dtype, modality_dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> float:
+    """One pass over `batches` (item positions in `data`); the mean training loss per item."""
     model.train()
-    total = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    total, count = 0.0, 0
+    for idx in batches:
         img, txt = data.image[idx], data.text[idx]
         if modality_dropout > 0:
             img, txt = drop_modalities(img, txt, modality_dropout, generator)
@@ -152,11 +155,27 @@ def _train_epoch(model, optimizer, scaler, loss_fn, data: SplitData, order: torc
         scaler.step(optimizer)
         scaler.update()
         total += loss.item() * len(idx)
-    return total / len(order)
+        count += len(idx)
+    return total / count
+
+
+@dataclass
+class TextTuning:
+    """What fine-tuning the text encoder starts from: the pretrained encoder, the manifest's distinct texts (the
+    `text` of a SplitData then holds rows of the table, not vectors), and how it trains."""
+
+    encoder: TextEncoder
+    table: TextTable
+    params: TextFinetuneParams
+
+    def split(self, data: SplitData, texts: list[str]) -> SplitData:
+        """`data` with its items' texts as table rows."""
+        return SplitData(image=data.image, text=self.table.ids(texts), y=data.y, item_ids=data.item_ids)
 
 
 def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, *, modalities: tuple[str, ...],
-        name: str = "fusion", checkpoint: Path | None = None) -> tuple[torch.nn.Module, pd.DataFrame, dict]:
+        name: str = "fusion", checkpoint: Path | None = None,
+        tuning: TextTuning | None = None) -> tuple[torch.nn.Module, pd.DataFrame, dict]:
     """Train one head with AdamW and early stopping on validation macro-F1; return the best epoch's model.
 
     Multi-label (`task.multi`): binary cross-entropy, and validation decides at probability 0.5 (the per-tag
@@ -165,17 +184,35 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
     With `checkpoint`, the state after every epoch (weights, optimizer, random generators, best so far) is saved
     there, and a run that finds one continues from it: a killed run resumes and ends with the same model as an
     uninterrupted one.
+
+    With `tuning` (a text-only head), the text encoder trains with the head: `train.text` and `val.text` are rows
+    of tuning.table, each step encodes its batch's distinct texts, the rates, epochs, warm-up and patience are
+    train.text_finetune's, and the model returned is a TunedText (encoder + head).
     """
     generator = seed_everything(params.seed)
     device = resolve_device(params.device)
     dtype = head_dtype(device)
-    model = create_head(params.head, image_dim=train.image.shape[1], text_dim=train.text.shape[1],
+    if tuning is not None:
+        if modalities != ("text",):
+            raise ValueError(f"the text encoder tunes with a text-only head, not with {modalities}")
+        ft = tuning.params
+        params = params.model_copy(update={"max_epochs": ft.max_epochs, "patience": ft.patience,
+                                           "lr_warmup_epochs": ft.warmup_epochs, "lr_schedule": "cosine"})
+    text_dim = tuning.encoder.dim if tuning is not None else train.text.shape[1]
+    model = create_head(params.head, image_dim=train.image.shape[1], text_dim=text_dim,
                         num_classes=len(task.labels), proj_dim=params.proj_dim, hidden_dim=params.hidden_dim,
-                        dropout=params.dropout, modalities=modalities).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+                        dropout=params.dropout, modalities=modalities)
+    if tuning is None:
+        groups = model.parameters()
+    else:
+        model = TunedText(copy.deepcopy(tuning.encoder.model), model, tuning.table, tuning.encoder.pooling)
+        groups = parameter_groups(model, tuning.params.head_lr, tuning.params)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = lr_scheduler(optimizer, params)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = task.loss(params.label_smoothing)
+    prior = None if task.multi else torch.bincount(train.y, minlength=len(task.labels)).float() / len(train.y)
+    loss_fn = task.loss(params.label_smoothing, prior=prior, adjustment=params.logit_adjustment)
     state = {"epoch": 0, "finished": False, "best": {"epoch": 0, "val_macro_f1": -1.0, "val_accuracy": 0.0},
              "best_state": None, "history": "[]"}
     saved = _load_checkpoint(checkpoint)
@@ -198,10 +235,13 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
         for epoch in range(state["epoch"] + 1, params.max_epochs + 1):
             if state["finished"]:
                 break
-            order = torch.randperm(len(train.y), generator=generator)
-            loss = _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=params.batch_size,
-                                device=device, dtype=dtype, generator=generator,
-                                modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
+            if tuning is None:
+                batches = list(torch.randperm(len(train.y), generator=generator).split(params.batch_size))
+            else:  # every item of a text in one batch: one forward pass per distinct text
+                batches = text_batches(train.text, tuning.table.lengths, tuning.params.batch_texts, generator)
+            loss = train_epoch(model, optimizer, scaler, loss_fn, train, batches, device=device, dtype=dtype,
+                               generator=generator,
+                               modality_dropout=params.modality_dropout if len(modalities) > 1 else 0.0)
             if math.isnan(loss) or (math.isinf(loss) and not scaler.is_enabled()):  # fp16: the scaler recovers
                 raise UserError(f"training {name} diverged: the loss is {loss} at epoch {epoch} "
                                 f"(train.lr={params.lr}): lower train.lr")
@@ -268,27 +308,83 @@ def training_labels(prepared: pd.DataFrame, separator: str | None = None) -> lis
     return labels
 
 
+@dataclass
+class _Trained:
+    model: torch.nn.Module  # the head: what runs on the vectors
+    history: pd.DataFrame
+    best: dict
+    seconds: float
+    features: FeatureSet  # the vectors it was trained on (with a tuned encoder's text vectors)
+    text_encoder: Path | None = None  # the tuned text encoder's folder, saved with the model
+
+
+def finetune_text(prepared: pd.DataFrame, features: FeatureSet, task: LabelTask, params: TrainParams,
+                   features_params: FeaturesParams, checkpoints: Path) -> _Trained:
+    """The text encoder tuned with the text-only head (train.text_encoder: finetune), and every item's text vector
+    by the tuned encoder, through the cache under its own key space (evaluate, predict and serving reuse them)."""
+    base = build_text_encoder(features_params.text)
+    if base.id != features.encoders["text"]["id"]:
+        raise UserError(f"features.text names the text encoder {base.id}, but the vectors in "
+                        f"{features_params.out_dir} come from {features.encoders['text']['id']}: run `dvc repro` "
+                        "(the features stage first)")
+    tuning = TextTuning(base, TextTable(prepared["text"].tolist(), base), params.text_finetune)
+    data = {split: tuning.split(split_data(prepared, features, task, split),
+                                prepared.loc[prepared["split"] == split, "text"].tolist())
+            for split in ("train", "val")}
+    started = time.perf_counter()
+    model, history, best = fit(data["train"], data["val"], task, params, modalities=("text",), name="text_only",
+                               checkpoint=checkpoints / "text_only.pt", tuning=tuning)
+    folder = checkpoints / TEXT_ENCODER_DIR
+    write_encoder_folder(model.encoder, base, folder)
+    tuned = build_text_encoder(features_params.text.model_copy(update={"model": str(folder)}))
+    precision = features.encoders["text"]["precision"]  # the features stage's, as serving will compute them
+    vectors, _ = text_vectors(prepared["text"].tolist(), tuned, features_params, precision=precision)
+    record = {"id": tuned.id, "dim": tuned.dim, "weights_sha256": tuned.weights_sha256, "precision": precision,
+              **features_params.text.model_dump(mode="json"), "model": TEXT_ENCODER_DIR, "bundled": True,
+              "tuned_from": base.id}
+    tuned_features = FeatureSet(features.item_ids, features.image, vectors, {**features.encoders, "text": record})
+    log.info("text encoder tuned: best epoch %d, val macro-F1 %.4f; encoder id %s", best["epoch"],
+             best["val_macro_f1"], tuned.id)
+    return _Trained(model.head, history, best, time.perf_counter() - started, tuned_features, folder)
+
+
 def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, separator: str | None = None,
-          resume: bool = True) -> dict:
+          resume: bool = True, features_params: FeaturesParams | None = None) -> dict:
     """Train the fused head and the one-modality ablations; write them under params.out_dir.
 
     `separator`: multi-label mode (data.separator): label cells are tag lists joined by it.
-    `resume`: continue from this run's checkpoints when a killed run left them; False discards them first."""
+    `resume`: continue from this run's checkpoints when a killed run left them; False discards them first.
+    `features_params`: with train.text_encoder finetune, the text encoder to start from and where and how its
+    tuned vectors are computed and cached. The encoder is tuned with the text-only head first; the fused head then
+    trains on its vectors, and both models carry the tuned encoder (the image-only one has no use for it)."""
     task = LabelTask(training_labels(prepared, separator), separator=separator)
     labels = task.labels
-    train_data = split_data(prepared, features, task, "train")
-    val_data = split_data(prepared, features, task, "val")
     checkpoints = Path(params.checkpoint_dir) / _run_key(prepared, features, params, separator)
     if not resume and checkpoints.exists():
         log.info("discarding the checkpoints of an unfinished run (%s): training from the start", checkpoints)
         shutil.rmtree(checkpoints)
-    histories, summary, train_seconds = {}, {}, {}
+    trained: dict[str, _Trained] = {}
+    tuned = features
+    if params.text_encoder == "finetune":
+        if features_params is None:
+            raise ValueError("train.text_encoder finetune needs the features params (features_params=...)")
+        trained["text_only"] = finetune_text(prepared, features, task, params, features_params, checkpoints)
+        tuned = trained["text_only"].features
     for variant, modalities in VARIANTS.items():
+        if variant in trained:
+            continue
+        use = tuned if "text" in modalities else features
         started = time.perf_counter()
-        model, history, best = fit(train_data, val_data, task, params, modalities=modalities, name=variant,
+        model, history, best = fit(split_data(prepared, use, task, "train"), split_data(prepared, use, task, "val"),
+                                   task, params, modalities=modalities, name=variant,
                                    checkpoint=checkpoints / f"{variant}.pt")
-        seconds = time.perf_counter() - started
-        temperature, decides = calibrate(model, val_data, task)
+        trained[variant] = _Trained(model, history, best, time.perf_counter() - started, use,
+                                    trained["text_only"].text_encoder if use is not features else None)
+    summary, train_seconds = {}, {}
+    for variant, modalities in VARIANTS.items():
+        run = trained[variant]
+        train_data, val_data = (split_data(prepared, run.features, task, s) for s in ("train", "val"))
+        temperature, decides = calibrate(run.model, val_data, task)
         config = {
             "head": params.head,
             "head_kwargs": {"image_dim": train_data.image.shape[1], "text_dim": train_data.text.shape[1],
@@ -296,24 +392,23 @@ def train(prepared: pd.DataFrame, features: FeatureSet, params: TrainParams, *, 
                             "hidden_dim": params.hidden_dim, "dropout": params.dropout,
                             "modalities": list(modalities)},
             "labels": labels,
-            "encoders": features.encoders,
-            "best_epoch": best["epoch"],
-            "val_macro_f1": best["val_macro_f1"],
-            "val_accuracy": best["val_accuracy"],
+            "encoders": run.features.encoders,
+            "best_epoch": run.best["epoch"],
+            "val_macro_f1": run.best["val_macro_f1"],
+            "val_accuracy": run.best["val_accuracy"],
             "temperature": temperature,
             **decides.config(),
         }
-        save_model(model_dir(params.out_dir, variant), model, config)
+        save_model(model_dir(params.out_dir, variant), run.model, config, text_encoder=run.text_encoder)
         if variant == "fusion":  # for `fusionops explain`: the nearest training items of what it explains
-            write_neighbours(model_dir(params.out_dir, variant), model, train_data.image, train_data.text,
+            write_neighbours(model_dir(params.out_dir, variant), run.model, train_data.image, train_data.text,
                              prepared.loc[prepared["split"] == "train", ["item_id", "label", "image", "text"]])
-        summary[variant] = best
-        train_seconds[variant] = round(seconds, 2)  # this process's share when it resumed from a checkpoint
-        histories[variant] = history
+        summary[variant] = run.best
+        train_seconds[variant] = round(run.seconds, 2)  # this process's share when it resumed from a checkpoint
     # One file per variant, so `dvc plots show` draws one curve per variant.
     with atomic_dir(params.history) as tmp:
-        for variant, history in histories.items():
-            history.to_csv(tmp / f"{variant}.csv", index=False)
+        for variant in VARIANTS:
+            trained[variant].history.to_csv(tmp / f"{variant}.csv", index=False)
     # Wall-clock time lives outside the models and metrics, so the same data and seed reproduce them byte for byte.
     write_json(params.timing, {"train_seconds": train_seconds})
     shutil.rmtree(checkpoints, ignore_errors=True)  # every variant is saved: nothing left to resume

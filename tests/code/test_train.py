@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fusionops.config import TrainParams
+from fusionops.config import TextFinetuneParams, TrainParams
 from fusionops.errors import UserError
 from fusionops.labels import LabelTask
 from fusionops.models import HEADS, create_head, load_model, save_model
@@ -220,3 +220,105 @@ def test_learning_rate_schedules(schedule):
     else:  # half-way through what follows the warm-up: half the rate; towards the end: near 0
         assert rates[2 + 5] == pytest.approx(0.5) and rates[-1] < 0.05
         assert sorted(rates[2:], reverse=True) == rates[2:]
+
+
+TUNED = FAST.model_copy(update={"text_encoder": "finetune", "max_epochs": 5, "text_finetune": TextFinetuneParams(
+    max_epochs=2, layers=1, batch_texts=8)})
+
+
+@pytest.fixture(scope="module")
+def tuned_project(tmp_path_factory, slice_prepared, slice_features):
+    """The train stage with train.text_encoder: finetune on the slice, in a folder of its own."""
+    from fusionops.config import FeaturesParams
+
+    root = tmp_path_factory.mktemp("tuned")
+    params = TUNED.model_copy(update={"out_dir": root / "models", "history": root / "history",
+                                      "timing": root / "timing.json", "checkpoint_dir": root / "checkpoints"})
+    features = FeaturesParams(out_dir=root / "features", cache_dir=root / "cache", num_workers=0)
+    summary = train(slice_prepared, slice_features, params, features_params=features)
+    return root, params, features, summary
+
+
+def test_text_batches_hold_every_item_of_a_text_once_per_epoch():
+    from fusionops.text_tuning import text_batches
+
+    text = torch.tensor([3, 1, 3, 0, 2, 1, 4, 4, 5, 0])
+    lengths = torch.tensor([5, 2, 9, 3, 7, 4])
+    batches = text_batches(text, lengths, 2, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(text)))  # each item once
+    texts_per_batch = [set(text[b].tolist()) for b in batches]
+    assert all(len(t) <= 2 for t in texts_per_batch)
+    assert sum(len(t) for t in texts_per_batch) == 6  # each distinct text in exactly one batch: one forward pass
+    again = text_batches(text, lengths, 2, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))  # the same seed, the same epoch
+
+
+def test_finetune_tunes_the_text_encoder_and_the_model_carries_it(tuned_project, slice_prepared, slice_features,
+                                                                   slice_dir):
+    from fusionops.evaluate import model_features
+    from fusionops.features.text import TUNED_WEIGHTS
+    from fusionops.predict import Predictor
+
+    root, params, features, summary = tuned_project
+    assert set(summary) == set(VARIANTS)
+    frozen_id = slice_features.encoders["text"]["id"]
+    tuned = {}
+    for variant in ("fusion", "ablations/text_only"):
+        folder = params.out_dir / variant
+        _, config = load_model(folder)
+        record = config["encoders"]["text"]
+        assert record["bundled"] and record["tuned_from"] == frozen_id and record["id"] != frozen_id
+        assert (folder / "text_encoder" / TUNED_WEIGHTS).read_bytes()[8:9] == b"{"  # safetensors, not a pickle
+        tuned[variant] = record["id"]
+    assert tuned["fusion"] == tuned["ablations/text_only"]  # one tuned encoder, carried by both models
+    _, image_only = load_model(params.out_dir / "ablations/image_only")
+    assert image_only["encoders"] == slice_features.encoders  # it reads no text
+    # The tuned vectors are cached under the tuned encoder's key space: evaluate reads them, and they are the ones
+    # the served model computes from the files.
+    folder = params.out_dir / "fusion"
+    _, config = load_model(folder)
+    vectors = model_features(folder, config, slice_features, slice_prepared["text"].tolist(), features)
+    assert any(p.name.startswith(tuned["fusion"]) for p in features.cache_dir.iterdir())
+    assert not torch.allclose(torch.from_numpy(vectors.text), torch.from_numpy(slice_features.text), atol=1e-3)
+    rows = slice_prepared.head(4)
+    predictor = Predictor(folder, device="cpu")
+    _, text = predictor.encode([slice_dir / p for p in rows["image"]], rows["text"].tolist())
+    torch.testing.assert_close(text, torch.from_numpy(vectors.text[:4]), atol=1e-5, rtol=0)
+    answers = predictor.predict([None, *[slice_dir / p for p in rows["image"][1:]]], rows["text"].tolist())
+    assert answers["modalities"].tolist() == ["text", "image+text", "image+text", "image+text"]
+
+
+def test_finetune_is_deterministic(tuned_project, slice_prepared, slice_features, tmp_path):
+    root, params, features, _ = tuned_project
+    again = params.model_copy(update={"out_dir": tmp_path / "models", "history": tmp_path / "history",
+                                      "timing": tmp_path / "timing.json"})
+    train(slice_prepared, slice_features, again, features_params=features)
+    for path in ("fusion/model.safetensors", "fusion/text_encoder/model.safetensors",
+                 "ablations/text_only/model.safetensors"):
+        assert (tmp_path / "models" / path).read_bytes() == (params.out_dir / path).read_bytes(), path
+
+
+def test_a_tuned_encoder_that_was_changed_is_refused(tuned_project, tmp_path):
+    import shutil
+
+    from fusionops.predict import Predictor
+
+    root, params, _, _ = tuned_project
+    folder = tmp_path / "fusion"
+    shutil.copytree(params.out_dir / "fusion", folder)
+    from fusionops.config import TextEncoderParams
+    from fusionops.features.text import build_text_encoder
+
+    base = build_text_encoder(TextEncoderParams())  # other weights of the same shape: the pretrained ones
+    shutil.copyfile(next(base.folder.glob("*.safetensors")), folder / "text_encoder" / "model.safetensors")
+    with pytest.raises(UserError, match="tuned text encoder .* is not the one this model was trained with"):
+        Predictor(folder, device="cpu")
+
+
+def test_finetune_settings_are_checked():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="layers must be 'all' or at least 1"):
+        TrainParams(text_finetune={"layers": 0})
+    with pytest.raises(ValidationError, match="text_encoder"):
+        TrainParams(text_encoder="tuned")

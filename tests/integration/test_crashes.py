@@ -133,6 +133,34 @@ def test_restart_discards_a_killed_runs_checkpoint(project):
     assert not any(checkpoint.iterdir())
 
 
+def test_killed_text_finetuning_resumes_to_identical_models(project):
+    """train.text_encoder: finetune, killed while the encoder tunes: the resumed run ends with the same encoder and
+    heads, byte for byte, as an uninterrupted one."""
+    project, _ = project
+    if not (project / "data/features/meta.json").exists():
+        run("features", cwd=project)
+    tuning = {"text_encoder": "finetune", "max_epochs": 20, "patience": 20,
+              "text_finetune": {"max_epochs": 4, "patience": 4, "layers": 1, "batch_texts": 16}}
+    write_params(project, "tuned.yaml", features={"precision": "fp32", "num_workers": 0, "batch_size": 16},
+                 train={**tuning, "out_dir": "tuned-models", "checkpoint_dir": ".cache/tuned-checkpoints"})
+    write_params(project, "tuned-reference.yaml", features={"precision": "fp32", "num_workers": 0, "batch_size": 16},
+                 train={**tuning, "out_dir": "tuned-reference", "checkpoint_dir": ".cache/tuned-reference-checkpoints",
+                        "history": "reports/tuned-reference-history"})
+    run("train", "--params", "tuned-reference.yaml", cwd=project)
+
+    proc = subprocess.Popen([FUSIONOPS, "train", "--params", "tuned.yaml"], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoint = project / ".cache/tuned-checkpoints"
+    kill_when(proc, lambda: any(checkpoint.glob("*/text_only.pt")))  # after the first epoch of the encoder
+    assert not list(checkpoint.glob("*/text_encoder"))  # killed while it was tuning
+    resumed = run("train", "--params", "tuned.yaml", cwd=project)
+    assert "resuming from the checkpoint" in resumed.stderr
+    for path in ("fusion/model.safetensors", "fusion/text_encoder/model.safetensors",
+                 "ablations/text_only/model.safetensors", "ablations/image_only/model.safetensors"):
+        assert (project / "tuned-models" / path).read_bytes() == (project / "tuned-reference" / path).read_bytes(), \
+            path
+
+
 def test_two_extractions_at_once_share_the_cache(project, tmp_path):
     project, distinct = project
     cache = tmp_path / "shared-cache"

@@ -53,7 +53,8 @@ def split_manifest(df: pd.DataFrame, split: SplitParams, separator: str | None =
 
 def prepare_manifest(raw: pd.DataFrame, data: DataParams, split: SplitParams) -> pd.DataFrame:
     """Canonical columns, rare labels dropped, split assigned (no row checks: see `prepare`)."""
-    return split_manifest(to_canonical(raw, data, source=data.manifest), split, data.separator)
+    canonical_rows = with_other_columns(to_canonical(raw, data, source=data.manifest), raw, data)
+    return split_manifest(canonical_rows, split, data.separator)
 
 
 def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tuple[pd.DataFrame, list]:
@@ -64,7 +65,8 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     """
     from fusionops.validation import Problem, validate
 
-    df = to_canonical(read_manifest(data.manifest), data, source=data.manifest)
+    raw = read_manifest(data.manifest)
+    df = with_other_columns(to_canonical(raw, data, source=data.manifest), raw, data)
     report = validate(df, data.images_root, mode="rows", max_pixels=checks.max_image_pixels,
                       separator=data.separator)
     if report.table_problems or (report.problems and checks.on_bad_rows == "fail"):
@@ -97,6 +99,15 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
                checks.rejected)
     _write_csv(df, data.prepared)
     return df, rejected
+
+
+def with_other_columns(df: pd.DataFrame, raw: pd.DataFrame, data: DataParams) -> pd.DataFrame:
+    """The canonical manifest with the raw manifest's other columns after it, row for row, so that later stages can
+    use them (evaluate.breakdown); the mapped columns, and any named like a canonical column or `split`, are not
+    repeated."""
+    mapped = {data.id_column, data.image_column, data.text_column, data.label_column, data.group_column}
+    others = [c for c in raw.columns if c not in mapped | set(df.columns) | {"split"}]
+    return pd.concat([df, raw[others].reset_index(drop=True)], axis=1)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -21,7 +21,7 @@ from fusionops.device import autocast_dtype, precision_name, resolve_device
 from fusionops.errors import DataError, UserError
 from fusionops.features.cache import VectorCache, content_key
 from fusionops.features.image import ImageEncoder, Pixels, build_image_encoder
-from fusionops.features.text import build_text_encoder
+from fusionops.features.text import TextEncoder, build_text_encoder
 from fusionops.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,22 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
         (tmp / "meta.json").write_text(json.dumps(
             {"rows": len(df), "item_ids": df["item_id"].tolist(), "encoders": encoders}, indent=2) + "\n")
     return stats
+
+
+def text_vectors(texts: list[str], encoder: TextEncoder, params: FeaturesParams, *,
+                 precision: str) -> tuple[np.ndarray, int]:
+    """The vectors of `texts` by `encoder` in `precision` through the cache (a tuned encoder has its own key
+    space): the cached ones read, the rest computed and stored. Returns them and how many were computed."""
+    device = resolve_device(params.device)
+    keys = [content_key(t) for t in texts]
+    by_key = dict(zip(keys, texts, strict=True))
+    cache = VectorCache(params.cache_dir, key_space(encoder.id, precision), dim=encoder.dim)
+    return _through_cache(
+        cache, keys, lambda todo: (
+            encoder.encode([by_key[k] for k in todo[s:s + params.shard_size]], batch_size=params.batch_size,
+                           device=device, autocast_dtype=autocast_dtype(device, precision))
+            for s in range(0, len(todo), params.shard_size)),
+        shard_size=params.shard_size, description="text vectors", unit="texts")
 
 
 def load_features(out_dir: Path) -> FeatureSet:

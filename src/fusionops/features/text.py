@@ -170,6 +170,32 @@ def _weights_digest(folder: Path) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One L2-normalised vector per text from the encoder's token states: their mean over the real tokens, or the
+    first token's state (cls)."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+TUNED_WEIGHTS = "model.safetensors"
+
+
+def write_encoder_folder(model: torch.nn.Module, base: TextEncoder, dst: Path) -> None:
+    """A Hugging Face folder of a tuned copy of `base`: its config and tokenizer files as they are, the tuned
+    weights as safetensors (nothing pickled; the same weights give the same bytes)."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(dst) as tmp:
+        for path in [base.folder / "config.json", *_tokenizer_files(base.folder)]:
+            shutil.copyfile(path, tmp / path.name)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / TUNED_WEIGHTS), metadata={"format": "pt"})
+
+
 @dataclass
 class TextEncoder:
     folder: Path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ HEADS: dict[str, Callable[..., torch.nn.Module]] = {}
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TEXT_ENCODER_DIR = "text_encoder"  # a model's own (tuned) text encoder, when it has one
 
 
 def register_head(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
@@ -29,13 +31,16 @@ def create_head(name: str, **kwargs) -> torch.nn.Module:
     return HEADS[name](**kwargs)
 
 
-def save_model(folder: Path, model: torch.nn.Module, config: dict) -> None:
-    """Write the head's weights and everything needed to rebuild it (head name, kwargs, labels, encoders)."""
+def save_model(folder: Path, model: torch.nn.Module, config: dict, *, text_encoder: Path | None = None) -> None:
+    """Write the head's weights and everything needed to rebuild it (head name, kwargs, labels, encoders); with
+    `text_encoder`, a copy of that (tuned) encoder's folder as TEXT_ENCODER_DIR beside them."""
     from safetensors.torch import save_file
 
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if text_encoder is not None:
+            shutil.copytree(text_encoder, tmp / TEXT_ENCODER_DIR)
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
