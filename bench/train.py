@@ -5,7 +5,7 @@
 Needs the prepared manifest and the cached vectors (`dvc repro features`); neither is changed. Both epochs are
 measured in this one run, on the same training items, with train.batch_size and train.modality_dropout from params:
 
-  cached   what `fusionops train` does per epoch (fusionops.train._train_epoch: the real head, AdamW, loss), on the
+  cached   what `fusionops train` does per epoch (fusionops.train.train_epoch: the real head, AdamW, loss), on the
            vectors in features.out_dir. One warm-up epoch, then the median of --cached-epochs timed epochs.
   naive    per batch, as tutorial code does: every image opened and decoded with PIL and preprocessed one at a time
            (the encoder's own transform), the CNN and the transformer run in fp32, NCHW, without the cache, then
@@ -45,7 +45,7 @@ from fusionops.features.image import build_image_encoder
 from fusionops.features.text import build_text_encoder
 from fusionops.labels import LabelTask
 from fusionops.models import create_head
-from fusionops.train import _train_epoch, drop_modalities, head_dtype, seed_everything, split_data
+from fusionops.train import drop_modalities, head_dtype, seed_everything, split_data, train_epoch
 
 
 def new_head(train_params, image_dim: int, text_dim: int, task: LabelTask, device: torch.device):
@@ -60,17 +60,16 @@ def new_head(train_params, image_dim: int, text_dim: int, task: LabelTask, devic
 
 
 def cached_epochs(train, task: LabelTask, train_params, device: torch.device, epochs: int) -> list[float]:
-    """Seconds of each of `epochs` timed epochs of fusionops.train._train_epoch, after one warm-up epoch."""
+    """Seconds of each of `epochs` timed epochs of fusionops.train.train_epoch, after one warm-up epoch."""
     generator = seed_everything(train_params.seed)
     model, optimizer, scaler, loss_fn = new_head(train_params, train.image.shape[1], train.text.shape[1],
                                                  task, device)
     times = []
     for epoch in range(epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(len(train.y), generator=generator)
-        _train_epoch(model, optimizer, scaler, loss_fn, train, order, batch_size=train_params.batch_size,
-                     device=device, dtype=head_dtype(device), modality_dropout=train_params.modality_dropout,
-                     generator=generator)
+        batches = list(torch.randperm(len(train.y), generator=generator).split(train_params.batch_size))
+        train_epoch(model, optimizer, scaler, loss_fn, train, batches, device=device, dtype=head_dtype(device),
+                    modality_dropout=train_params.modality_dropout, generator=generator)
         if epoch:  # epoch 0 is the warm-up
             times.append(time.perf_counter() - start)
     return times
