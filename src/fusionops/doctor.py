@@ -111,7 +111,8 @@ def _tracking(params: Params) -> Check:
 def _offline() -> Check:
     ok = os.environ.get("HF_HUB_OFFLINE") == "1"
     return Check("offline", ok, f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '(unset)')}",
-                 "" if ok else "export HF_HUB_OFFLINE=1 (or run through make): a hub lookup retries for ~47 s offline",
+                 "" if ok else "unset HF_HUB_OFFLINE (fusionops sets it to 1 itself): a hub lookup retries for ~47 s "
+                 "offline",
                  warning=not ok)
 
 
