@@ -76,7 +76,7 @@ def test_any_table_reads_and_maps_or_refuses_clearly(tmp_path, rows, header, fmt
     try:
         df = to_canonical(read_manifest(path), DataParams())
     except DataError as err:
-        assert "missing column" in str(err) or "could not be read" in str(err) or "UTF-8" in str(err)
+        assert "is not a column" in str(err) or "could not be read" in str(err) or "UTF-8" in str(err)
         return
     assert list(df.columns) == ["item_id", "image", "text", "label", "group"]
     assert len(df) == len(frame)
