@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from fusionops.config import DataParams
 from helpers import free_port
 
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
@@ -130,8 +131,9 @@ def test_validate_a_manifest_lists_every_bad_row_once(zoo, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("  row ")]
+    named = DataParams().columns  # each column as the manifest names it: the label column is `category`
     for item_id, column in bad.items():
-        assert any(f"row {item_id!r}, column {column}:" in line and " -> " in line for line in lines), item_id
+        assert any(f"row {item_id!r}, column {named[column]}:" in line and " -> " in line for line in lines), item_id
     assert not any(item_id in result.stderr for item_id in odd)
     import json
 
@@ -162,7 +164,8 @@ def test_validate_batch_mode(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    (b"item_id,image,text\n1,a.png,x\n", "missing column(s) category, emoji_id"),
+    (b"item_id,image,text\n1,a.png,x\n",
+     "data.label_column 'category' is not a column; data.group_column 'emoji_id' is not"),
     (b"item_id,emoji_id,image,text,category\n1,1,a.png,caf\xe9,c\n", "not valid UTF-8 (line 2"),
 ])
 def test_unusable_manifest_is_one_clear_line(tmp_path, content, needle):
