@@ -181,7 +181,7 @@ def make_shapes(folder: Path, per_kind: int = 5, size: int = 32) -> Path:
             for k in range(per_kind):
                 image = Image.new("RGB", (size, size), (255, 255, 255))
                 draw = ImageDraw.Draw(image)
-                m = 3 + k % 3  # margins vary a little from drawing to drawing
+                m = 2 + k % 6  # margins vary from drawing to drawing
                 box = (m, m, size - 1 - m, size - 1 - m)
                 if shape == "circle":
                     draw.ellipse(box, fill=rgb)

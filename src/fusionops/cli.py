@@ -50,8 +50,11 @@ ParamsOption = Annotated[Path | None, typer.Option(
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    # Off a terminal (a DVC stage, a Prefect run's log) one line per record, never wrapped at 80 columns.
+    handler = (RichHandler(console=err, show_path=False, show_time=False) if err.is_terminal
+               else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(message)s" if err.is_terminal else "%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("great_expectations", "urllib3", "httpx", "alembic", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:  # MLflow sets its loggers' level from this when imported; its INFO lines repeat what we say

@@ -87,8 +87,15 @@ def _client(params: Params):
     return client, uri
 
 
-# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment says what it is.
+# What the experiment is, for MLflow's UI. (3.17's UI decides its GenAI or model-training view by the URL's
+# workflowType, else the last one chosen, GenAI at first: the links fusionops prints carry it, see ui_url.)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_url(server: str, experiment_id: str | None) -> str:
+    """The experiment's runs in MLflow's UI at `server` (its model-training view, not the GenAI one)."""
+    where = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{server.rstrip('/')}/#/{where}?workflowType=machine_learning"
 
 
 def _local(uri: str) -> bool:
@@ -298,12 +305,17 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     name = params.registry.model_name
     tags = {k: str(v) for k, v in tags.items() if v is not None}
     tags["model_sha256"] = sha256_file(Path(model_dir) / WEIGHTS_FILE)
+    experiment = client.get_experiment_by_name(params.registry.experiment)
+    elsewhere = _artifacts_elsewhere(experiment, params, uri) if experiment is not None else None
+    if elsewhere:  # before anything, even an alias: this store is another project's
+        raise UserError(f"{elsewhere}; nothing was registered")
     existing = _already_registered(client, name, tags["model_sha256"])
     if existing is not None:
         _set_alias(client, name, CHALLENGER, existing)
         log.debug("%s version %s already holds these weights: not registered again", name, existing)
-        return {"name": name, "version": existing, "run_id": client.get_model_version(name, existing).run_id,
-                "aliases": [CHALLENGER], "new": False, "tracking_uri": uri}
+        run_id = client.get_model_version(name, existing).run_id
+        return {"name": name, "version": existing, "run_id": run_id, "aliases": [CHALLENGER], "new": False,
+                "tracking_uri": uri, "experiment_id": client.get_run(run_id).info.experiment_id if run_id else None}
 
     experiment_id = _experiment_id(client, params, uri)
     run = client.create_run(experiment_id, tags={"mlflow.runName": f"train-{tags.get('params_hash', '')}", **tags})
@@ -367,7 +379,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         raise
     log.debug("registered %s version %s (%s)", name, number, ", ".join(aliases))
     return {"name": name, "version": number, "run_id": run_id, "aliases": aliases, "new": True,
-            "tracking_uri": uri}
+            "tracking_uri": uri, "experiment_id": experiment_id}
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -773,7 +785,8 @@ def rollback(params: Params, *, to: str | None = None) -> dict:
                                      CHAMPION_BY: f"restored by a rollback from version {champion}"})
     # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
     _set_alias(client, name, CHALLENGER, previous)
-    reason = f"champion moved back from version {champion} to version {previous}"
+    reason = (f"champion moved back from version {champion} to version {previous}" if to is None
+              else f"champion moved from version {champion} to version {previous} (--to {previous})")
     _describe(client, name, champion, gate=f"rolled back to version {previous}")
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.debug("%s: %s", name, reason)
