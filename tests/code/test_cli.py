@@ -231,3 +231,48 @@ def test_a_missing_images_root_is_one_error_not_one_per_row(project):
         assert result.stderr.strip() == (f"error: images root {project / 'nope'} is not a folder: the manifest's "
                                          "image paths are relative to it (--images-root, or data.images_root in "
                                          "params.yaml)")
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_shows_an_example_and_no_type_on_a_flag():
+    import typer
+    from typer.testing import CliRunner
+
+    from fusionops.cli import app
+
+    runner = CliRunner()
+    for path in [(), *_commands(typer.main.get_command(app))]:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0 and "Example: " in result.output, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        assert " ".join(("fusionops", *path)) in result.output.split("Example: ", 1)[1], (path, result.output)
+
+
+@pytest.mark.parametrize("flow", ["training_pipeline", "retrain", "deploy"])
+def test_the_flows_help_looks_like_the_cli(flow):
+    result = subprocess.run([sys.executable, str(ROOT / "flows" / f"{flow}.py"), "--help"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0 and "--project-dir" in result.stdout and "Example: " in result.stdout
+    assert "╭─ Options" in result.stdout and "<bool>" not in result.stdout  # typer's panels, as `fusionops --help`
+
+
+def test_a_flow_started_without_the_offline_environment_sets_it_itself():
+    """`python flows/...` from a plain shell: no telemetry (Prefect reads its setting when imported), no hub."""
+    from fusionops.offline import OFFLINE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    code = ("import sys, os; sys.path.insert(0, 'flows'); import training_pipeline; "
+            "from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.analytics_enabled, os.environ['HF_HUB_OFFLINE'], "
+            "os.environ['MLFLOW_DISABLE_TELEMETRY'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ["False", "1", "true"], result.stderr
