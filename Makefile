@@ -9,13 +9,9 @@ BIN := $(VENV)/bin
 # The venv is reinstalled only when pyproject.toml or requirements.lock changes (the stamp carries their hash).
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
-# Offline: no telemetry lookups, no hub downloads.
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# Offline: no telemetry lookups, no hub downloads. The values are src/fusionops/offline.py's, read from it.
+OFFLINE_ENV := $(shell sed -nE 's/^ *"([A-Z_]+)": "([^"]*)",.*/\1=\2/p' src/fusionops/offline.py)
+$(foreach setting,$(OFFLINE_ENV),$(eval export $(setting)))
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: help install lock data demo test lint clean platform-up platform-status platform-down

@@ -9,15 +9,14 @@ It keeps running: its runner starts a flow run at every cron tick (and for every
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from prefect.schedules import Cron
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrain import retrain  # noqa: E402
-from training_pipeline import check_project, parse_project_dir  # noqa: E402
+# First: it sets the offline environment before Prefect is imported.
+from training_pipeline import check_project, command_line  # noqa: I001
+from retrain import retrain
+from prefect.schedules import Cron
 
 
 def check_not_on_a_work_pool(name: str) -> None:
@@ -58,7 +57,10 @@ def serve(project_dir: Path) -> None:
     )
 
 
+def _serve_checked(project_dir: Path) -> None:
+    check_project(project_dir)
+    serve(project_dir)
+
+
 if __name__ == "__main__":
-    project = parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    check_project(project)
-    serve(project)
+    command_line(_serve_checked, __doc__, "PREFECT_API_URL=http://127.0.0.1:4200/api python flows/deploy.py")

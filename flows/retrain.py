@@ -13,16 +13,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
+# First: it sets the offline environment before Prefect is imported.
+from training_pipeline import command_line, gate_line, run_from_terminal, say_once, training_pipeline  # noqa: I001
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by a deployment's runner
-from training_pipeline import gate_line, parse_project_dir, run_from_terminal, training_pipeline  # noqa: E402
 
 
 def _params(project_dir: Path):
@@ -136,6 +135,7 @@ def retrain(project_dir: Path = Path(".")) -> dict:
     from fusionops.lineage import data_version
     from fusionops.locks import project_lock
 
+    say_once()
     project_dir = Path(project_dir).resolve()
     params = _params(project_dir)
     result = {"appended": {}, "quarantined": [], "drift": None, "training": None}
@@ -186,4 +186,4 @@ def _summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_from_terminal(retrain, parse_project_dir(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
+    command_line(lambda project: run_from_terminal(retrain, project), __doc__, "python flows/retrain.py")

@@ -11,13 +11,10 @@ import pytest
 
 # Offline and isolated before anything imports prefect, mlflow or transformers: no telemetry, no hub lookups, and a
 # Prefect home of the test session's own so tests never touch the user's database.
+from fusionops.offline import OFFLINE_ENV
+
 os.environ.update({
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    **OFFLINE_ENV,
     "PREFECT_HOME": tempfile.mkdtemp(prefix="fusionops-prefect-"),
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 })

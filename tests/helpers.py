@@ -161,3 +161,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
+
+
+def make_shapes(folder: Path, per_kind: int = 5, size: int = 32) -> Path:
+    """A dataset of one's own, unlike the demo: `per_kind` drawings of each coloured shape (4 x 4 kinds), with a
+    caption, in a manifest whose columns are uid, file, caption, shape, colour (80 items by default)."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    rows = []
+    (folder / "pictures").mkdir(parents=True, exist_ok=True)
+    for shape in SHAPES:
+        for colour, rgb in COLOURS.items():
+            for k in range(per_kind):
+                image = Image.new("RGB", (size, size), (255, 255, 255))
+                draw = ImageDraw.Draw(image)
+                m = 2 + k % 6  # margins vary from drawing to drawing
+                box = (m, m, size - 1 - m, size - 1 - m)
+                if shape == "circle":
+                    draw.ellipse(box, fill=rgb)
+                elif shape == "square":
+                    draw.rectangle(box, fill=rgb)
+                elif shape == "triangle":
+                    draw.polygon([(size / 2, m), (size - 1 - m, size - 1 - m), (m, size - 1 - m)], fill=rgb)
+                else:
+                    c, r = size / 2, size / 2 - m
+                    draw.polygon([(c + (r if i % 2 == 0 else r / 2.5) * math.cos(math.pi * i / 5 - math.pi / 2),
+                                   c + (r if i % 2 == 0 else r / 2.5) * math.sin(math.pi * i / 5 - math.pi / 2))
+                                  for i in range(10)], fill=rgb)
+                name = f"pictures/{shape}-{colour}-{k}.png"
+                image.save(folder / name)
+                rows.append({"uid": f"{shape[:2]}{colour[:2]}{k}", "file": name,
+                             "caption": f"a {colour} {shape}" if k % 2 else f"{colour} {shape}, drawing {k}",
+                             "shape": shape, "colour": colour})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder

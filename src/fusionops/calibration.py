@@ -20,6 +20,8 @@ from torch.nn import functional as F
 
 from fusionops.atomic import atomic_path
 
+TEMPERATURE_RANGE = (0.05, 20.0)  # the fit is clamped to it: a fit that ends on a bound found no optimum inside
+
 
 def _multi(y) -> bool:
     return y.ndim == 2  # a 0/1 matrix items x tags; class indices otherwise
@@ -49,7 +51,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(*TEMPERATURE_RANGE))
 
 
 def reliability_table(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> pd.DataFrame:

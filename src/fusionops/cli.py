@@ -12,15 +12,29 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
 from fusionops.config import Params, find_params, load_params
 from fusionops.errors import DataError, UserError
+from fusionops.offline import use_offline_env
+
+
+def example(*commands: str) -> str:
+    """A command's help ends with an example of it (markup escaped: brackets are text)."""
+    return "\n\n".join(f"[bold]Example:[/] {escape(command)}" for command in commands)
+
+
+# Typer's rich help gives a flag a type column (`<bool>`) where click's gives none: a flag takes no value.
+_display_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     help="Train, evaluate, register and serve image+text classifiers.",
+    epilog=example("fusionops init --manifest data/raw/manifest.csv --images-root data/raw   (your own data)",
+                   "fusionops validate --manifest new.csv --images-root new_images/ --mode batch"),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -36,8 +50,11 @@ ParamsOption = Annotated[Path | None, typer.Option(
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    # Off a terminal (a DVC stage, a Prefect run's log) one line per record, never wrapped at 80 columns.
+    handler = (RichHandler(console=err, show_path=False, show_time=False) if err.is_terminal
+               else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(message)s" if err.is_terminal else "%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("great_expectations", "urllib3", "httpx", "alembic", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:  # MLflow sets its loggers' level from this when imported; its INFO lines repeat what we say
@@ -63,7 +80,72 @@ def _prepared(params: Params):
     return read_manifest(params.data.prepared)
 
 
-@app.command()
+@app.command(epilog=example("fusionops init --manifest data/raw/manifest.csv --images-root data/raw",
+                             "fusionops init --manifest data/raw/manifest.csv --images-root data/raw --label-column "
+                             "colour --group-column none --dry-run"))
+def init(
+    manifest: Annotated[Path, typer.Option(help="your manifest (CSV or Parquet): one row per item")],
+    images_root: Annotated[Path, typer.Option(help="the folder its image paths are relative to")],
+    id_column: Annotated[str | None, typer.Option(help="the id column \\[default: proposed]",
+                                                  show_default=False)] = None,
+    image_column: Annotated[str | None, typer.Option(help="the image path column \\[default: proposed]",
+                                                     show_default=False)] = None,
+    text_column: Annotated[str | None, typer.Option(help="the text column \\[default: proposed]",
+                                                    show_default=False)] = None,
+    label_column: Annotated[str | None, typer.Option(help="the label column \\[default: proposed]",
+                                                     show_default=False)] = None,
+    group_column: Annotated[str | None, typer.Option(help="rows sharing its value stay in one split; none: each item "
+                                                     "its own group \\[default: proposed]", show_default=False)] = None,
+    model_name: Annotated[str | None, typer.Option(help="registry.model_name \\[default: the project folder's name]",
+                                                   show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be written, write nothing")] = False,
+    params_path: ParamsOption = None,
+) -> None:
+    """Point params.yaml at your own data: propose the id, image, text, label and group columns, check the images.
+
+    Writes the data.* keys and registry.model_name into params.yaml, changing only those lines: comments stay.
+    """
+    from fusionops.config import name_from_folder
+    from fusionops.data.manifest import read_manifest
+    from fusionops.init import ROLES, propose, set_params, settings
+
+    path = Path(os.path.abspath(find_params(params_path)))
+    params, root = load_params(path), path.parent  # a params.yaml to edit, without a mistake in it
+    given = {role: value for role, value in zip(ROLES, (id_column, image_column, text_column, label_column,
+                                                         group_column), strict=True) if value is not None}
+    if given.get("group", "").lower() in ("none", "null"):
+        given["group"] = None
+    df = read_manifest(manifest)
+    proposal = propose(df, images_root, given, min_groups_per_label=params.split.min_groups_per_label,
+                       manifest_dir=manifest.resolve().parent)
+    name = model_name or name_from_folder(root)
+    values = settings(proposal, manifest, images_root, root, name)
+    # The metrics breakdown only by columns this manifest has (the demo's vendor rarely is one).
+    values["evaluate.breakdown"] = [c for c in params.evaluate.breakdown if c in set(map(str, df.columns))]
+    out.print(f"{escape(_rel(manifest))}: {proposal.rows} rows, columns {escape(', '.join(map(str, df.columns)))}",
+              highlight=False)
+    for role in ROLES:
+        column = proposal.columns[role]
+        others = proposal.others.get(role)
+        also = f"; also possible: {', '.join(others)} (--{role}-column)" if others else ""
+        out.print(f"  {role:6} {escape(str(column or 'none')):12} {escape(proposal.why[role] + also)}",
+                  highlight=False)
+    out.print(f"  {'model':6} {escape(name):12} registry.model_name, from the project folder's name", highlight=False)
+    for note in proposal.image_notes:
+        err.print(f"[yellow]warning:[/] sampled image {escape(note)}", highlight=False)
+    written = ", ".join(values)
+    if dry_run:
+        out.print(f"dry run: would write {written} into {escape(_rel(path))}; nothing written", highlight=False)
+        return
+    from fusionops.atomic import write_text
+
+    write_text(path, set_params(path.read_text(encoding="utf-8"), values))
+    load_params(path)  # what was written reads back as valid params
+    out.print(f"wrote {written} into {escape(_rel(path))} (its other lines as they were)\nnext: dvc repro, then "
+              "python flows/training_pipeline.py (register and promote)", highlight=False)
+
+
+@app.command(epilog=example("fusionops prepare   (the prepare stage of dvc.yaml: run by `dvc repro`)"))
 def prepare(params_path: ParamsOption = None) -> None:
     """Check every row of the raw manifest, add the stable grouped split, write the prepared manifest."""
     from fusionops.data.prepare import prepare as run
@@ -80,7 +162,8 @@ def prepare(params_path: ParamsOption = None) -> None:
               + (f"; {len(rejected)} problem(s) skipped, see {_rel(params.validate_.rejected)}" if rejected else ""))
 
 
-@app.command()
+@app.command(epilog=example("fusionops validate --manifest new.csv --images-root new_images/ --mode batch "
+                             "--report check.json"))
 def validate(
     manifest: Annotated[Path | None, typer.Option(
         help="a manifest to check (CSV or Parquet) \\[default: the prepared manifest, as the pipeline stage]")] = None,
@@ -114,7 +197,8 @@ def validate(
     known_labels, known_ids = _current_labels_and_ids(params) if mode == "batch" else (None, None)
     report = run(df, root, mode=mode, min_train_items_per_label=params.validate_.min_train_items_per_label,
                  known_labels=known_labels, known_ids=known_ids, max_pixels=params.validate_.max_image_pixels,
-                 split=params.split if manifest is not None else None, separator=params.data.separator)
+                 split=params.split if manifest is not None else None, separator=params.data.separator,
+                 columns=params.data.columns)
     if report_path:
         write_report(report, report_path)
     if not report.success:
@@ -135,7 +219,7 @@ def _current_labels_and_ids(params: Params) -> tuple[set[str], set[str]]:
     return known_labels(dataset, params.data.separator), set(dataset["item_id"].astype(str))
 
 
-@app.command()
+@app.command(epilog=example("fusionops features   (the features stage: `dvc repro -s features`)"))
 def features(params_path: ParamsOption = None) -> None:
     """Image and text vectors for every prepared item; only content not in the cache is computed."""
     from fusionops.features import extract_features
@@ -148,7 +232,7 @@ def features(params_path: ParamsOption = None) -> None:
                   f"({s['seconds']} s, {stats['device']}, {stats['precision']})")
 
 
-@app.command()
+@app.command(epilog=example("fusionops train --restart   (or `dvc exp run -S train.lr=1e-3`)"))
 def train(
     params_path: ParamsOption = None,
     resume: Annotated[bool, typer.Option(
@@ -167,21 +251,27 @@ def train(
         out.print(f"{variant}: best epoch {best['epoch']}, val macro-F1 {best['val_macro_f1']:.4f}")
 
 
-@app.command()
+@app.command(epilog=example("fusionops evaluate   (then `dvc metrics show` and `dvc plots show`)"))
 def evaluate(params_path: ParamsOption = None) -> None:
     """Test-set metrics, the ablation, missing modalities, calibration, timings, per-class table and plots."""
     from fusionops.evaluate import evaluate as run
+    from fusionops.evaluate import small_data_warnings
     from fusionops.features import load_features
+    from fusionops.reports import plot_training_curves, write_scores
 
     params = load_params(params_path)
     metrics = run(_prepared(params), load_features(params.features.out_dir), params.train, params.evaluate,
                   images_root=params.data.images_root, features_params=params.features)
+    plot_training_curves(params.train.history, params.evaluate.training_curves)
+    write_scores(metrics, params.evaluate.scores)
     t, ab = metrics["test"], metrics["ablation"]
     out.print(f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} (n={t['items']}); "
               f"image only {ab['image_only']['accuracy']:.4f}, text only {ab['text_only']['accuracy']:.4f}")
+    for warning in small_data_warnings(metrics):
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-@app.command()
+@app.command(epilog=example("fusionops finetune --out weights/lite0-ft1.safetensors --epochs 20 --patience 5"))
 def finetune(
     out_path: Annotated[Path, typer.Option("--out", help="the weights file to write (.safetensors, .pth or .pt)")],
     epochs: Annotated[int, typer.Option(min=1, help="at most this many epochs (early stopping)")] = 10,
@@ -223,7 +313,7 @@ def finetune(
               highlight=False)
 
 
-@app.command()
+@app.command(epilog=example("fusionops register   (after `dvc repro`; the flow does it for you)"))
 def register(params_path: ParamsOption = None) -> None:
     """Log the run to MLflow and register the model (alias challenger; champion when there is none)."""
     from fusionops.registry import register_trained_model
@@ -238,28 +328,38 @@ def register(params_path: ParamsOption = None) -> None:
                   f"(now {', '.join(result['aliases'])})")
 
 
-@app.command()
-def promote(params_path: ParamsOption = None) -> None:
+@app.command(epilog=example("fusionops promote --dry-run"))
+def promote(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="run the gate and say what it would do; move no alias, "
+                                          "write no tag or report")] = False,
+    params_path: ParamsOption = None,
+) -> None:
     """Move alias champion to the challenger if it is significantly better on the frozen test set."""
     from fusionops.registry import promote as run
 
     params = load_params(params_path)
-    result = run(params)
-    out.print(f"{result['name']}: {result['decision']} (champion is version {result['champion']}): {result['reason']}")
-    if "gate" in result:
+    result = run(params, dry_run=dry_run)
+    champion = f"champion is version {result['champion']}" if result["champion"] else "no champion yet"
+    out.print(f"{result['name']}: {'dry run: version ' + result['challenger'] + ' ' if dry_run else ''}"
+              f"{result['decision']} ({champion}): {result['reason']}" + ("; nothing changed" if dry_run else ""))
+    if "gate" in result and not dry_run:
         out.print(f"report: {_rel(params.promote.report)}")
 
 
-@app.command()
-def rollback(params_path: ParamsOption = None) -> None:
-    """Move alias champion back to the previous champion."""
+@app.command(epilog=example("fusionops rollback --to 3"))
+def rollback(
+    to: Annotated[int | None, typer.Option("--to", min=1, metavar="VERSION", help="the version to make champion "
+                                           "\\[default: the previous champion]", show_default=False)] = None,
+    params_path: ParamsOption = None,
+) -> None:
+    """Move alias champion back to the previous champion (or --to VERSION), blocking the version rolled back from."""
     from fusionops.registry import rollback as run
 
-    result = run(load_params(params_path))
+    result = run(load_params(params_path), to=None if to is None else str(to))
     out.print(f"{result['name']}: {result['reason']}")
 
 
-@app.command()
+@app.command(epilog=example("fusionops reproduce models:/fusionops-emoji@champion --into ../rebuild"))
 def reproduce(
     model: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
     into: Annotated[Path, typer.Option("--into", help="a new folder for the rebuild (a clone of this repository)")],
@@ -311,7 +411,7 @@ def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
     """The manifest's items and each one's absolute image path (None for an empty cell); every row that cannot be
     used (no image and no text, a missing or broken image) is named in one error, before anything is written."""
     from fusionops.data.manifest import read_manifest, to_canonical
-    from fusionops.validation import Problem, check_images
+    from fusionops.validation import Problem, check_images, in_their_names
 
     items = to_canonical(read_manifest(manifest), params.data, source=manifest, labelled=False)
     has_image = items["image"].astype(str).str.strip() != ""
@@ -320,7 +420,7 @@ def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
     repeated = items["item_id"][items["item_id"].duplicated()]
     problems += [Problem(str(item_id), "item_id", "id is not unique", "give every row its own id")
                  for item_id in repeated.unique()]
-    problems += check_images(items, images_root)
+    problems = in_their_names(problems + check_images(items, images_root), params.data.columns)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
         raise DataError(f"{len(problems)} row(s) cannot be used; nothing was written:\n{lines}")
@@ -328,14 +428,16 @@ def _unlabelled_items(manifest: Path, images_root: Path, params: Params):
     return items, [str(root / p) if ok else None for p, ok in zip(items["image"], has_image, strict=True)]
 
 
-@app.command()
+@app.command(epilog=example("fusionops predict --model models:/fusionops-emoji@champion --manifest new.csv "
+                             "--images-root new_images/ --out predictions.csv"))
 def predict(
     model: Annotated[str, typer.Option(
         help="an MLflow model URI (models:/fusionops-emoji@champion, runs:/...) or a model folder (models/fusion)")],
     manifest: Annotated[Path, typer.Option(help="CSV or Parquet with id, image path and text columns")],
     images_root: Annotated[Path, typer.Option(help="folder the manifest's image paths are relative to")],
     out_path: Annotated[Path, typer.Option(
-        "--out", help="CSV (or .parquet) to write: item_id, prediction, confidence, modalities")],
+        "--out", help="CSV (or .parquet) to write: the id column (data.id_column), prediction, confidence, "
+                      "modalities")],
     params_path: Annotated[Path | None, typer.Option(
         "--params", "-p",
         help="params.yaml for column names and the tracking URI \\[default: the project's, here or above, if any]",
@@ -354,7 +456,7 @@ def predict(
     items, images = _unlabelled_items(manifest, images_root, params)
     texts = [t if str(t).strip() else None for t in items["text"]]
     result = load_predictor(model, params).predict(images, texts, progress=True)  # the model's own predictor
-    table = pd.DataFrame({"item_id": items["item_id"], "prediction": result["label"],
+    table = pd.DataFrame({params.data.id_column: items["item_id"], "prediction": result["label"],
                           "confidence": result["confidence"].round(4), "modalities": result["modalities"]})
     with atomic_path(out_path) as tmp:
         if out_path.suffix.lower() in (".parquet", ".pq"):
@@ -364,7 +466,7 @@ def predict(
     out.print(f"predicted {len(items)} items with {model} -> {out_path}")
 
 
-@app.command()
+@app.command(epilog=example("fusionops explain --model models/fusion --image banana.png --text banana"))
 def explain(
     model: Annotated[str, typer.Option(
         help="a model folder (e.g. models/fusion) or an MLflow model URI (models:/name@champion, runs:/...)")],
@@ -423,7 +525,7 @@ def explain(
         out.print(f"explained {len(results)} item(s) with {escape(model)} -> {escape(_rel(out_path))}")
 
 
-@app.command()
+@app.command(epilog=example("fusionops ingest data/inbox/2026-01-31"))
 def ingest(
     path: Annotated[Path, typer.Argument(help="a batch folder (manifest + images), or an inbox of batch folders")],
     params_path: ParamsOption = None,
@@ -466,11 +568,11 @@ def ingest(
 
 
 cache_app = typer.Typer(help="The content-addressed feature cache: what it holds, and pruning old key spaces.",
-                        no_args_is_help=True)
+                        epilog=example("fusionops cache info"), no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("info")
+@cache_app.command("info", epilog=example("fusionops cache info"))
 def cache_info(params_path: ParamsOption = None) -> None:
     """Size, entries and encoder id of every key space (* = used by the current params)."""
     from rich.table import Table
@@ -493,7 +595,7 @@ def cache_info(params_path: ParamsOption = None) -> None:
               f"{sum(s['entries'] for s in spaces)} vectors, {total:.1f} MB")
 
 
-@cache_app.command("prune")
+@cache_app.command("prune", epilog=example("fusionops cache prune --dry-run"))
 def cache_prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
     params_path: ParamsOption = None,
@@ -516,7 +618,7 @@ def cache_prune(
         out.print("nothing to prune: every key space is in use")
 
 
-@app.command()
+@app.command(epilog=example("fusionops doctor"))
 def doctor(params_path: ParamsOption = None) -> None:
     """Check this machine and project, and say what to fix.
 
@@ -548,7 +650,7 @@ def doctor(params_path: ParamsOption = None) -> None:
 
 
 platform_app = typer.Typer(help="The team platform on this machine: PostgreSQL, MLflow and Prefect servers, a worker.",
-                           no_args_is_help=True)
+                           epilog=example("fusionops platform up"), no_args_is_help=True)
 app.add_typer(platform_app, name="platform")
 DirOption = Annotated[Path | None, typer.Option("--dir", envvar="FUSIONOPS_PLATFORM_DIR",
                                                 help="platform folder \\[params: platform.dir]")]
@@ -567,7 +669,7 @@ def _platform(params_path: Path | None, **overrides):
     return resolve(params.platform, **overrides), params
 
 
-@platform_app.command("up")
+@platform_app.command("up", epilog=example("fusionops platform up --mlflow-port 5001"))
 def platform_up(
     params_path: ParamsOption = None,
     dir_: DirOption = None,
@@ -587,7 +689,7 @@ def platform_up(
         out.print(f"  export {key}={value}")
 
 
-@platform_app.command("status")
+@platform_app.command("status", epilog=example("fusionops platform status"))
 def platform_status(params_path: ParamsOption = None, dir_: DirOption = None,
                     postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                     prefect_port: PrefectPort = None) -> None:
@@ -613,7 +715,7 @@ def platform_status(params_path: ParamsOption = None, dir_: DirOption = None,
                         f"prefect.yaml again; logs in {platform.root / 'logs'})")
 
 
-@platform_app.command("down")
+@platform_app.command("down", epilog=example("fusionops platform down"))
 def platform_down(params_path: ParamsOption = None, dir_: DirOption = None) -> None:
     """Stop what `up` started (its pid files), newest first; the data stays for the next `up`."""
     from fusionops.platform import down
@@ -623,7 +725,7 @@ def platform_down(params_path: ParamsOption = None, dir_: DirOption = None) -> N
     out.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing of ours was running")
 
 
-@platform_app.command("env")
+@platform_app.command("env", epilog=example('eval "$(fusionops platform env)"'))
 def platform_env(params_path: ParamsOption = None, dir_: DirOption = None,
                  postgres_port: PostgresPort = None, mlflow_port: MlflowPort = None,
                  prefect_port: PrefectPort = None) -> None:
@@ -645,6 +747,7 @@ def platform_env(params_path: ParamsOption = None, dir_: DirOption = None,
 
 def main() -> None:
     """Console entry point: a user error is a message and an exit code, never a traceback."""
+    use_offline_env()  # before any library that reads it is imported (the commands import them lazily)
     try:
         app()
     except UserError as e:

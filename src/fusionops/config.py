@@ -39,7 +39,8 @@ class DataParams(Section):
     label_mode: Literal["single", "multi"] = Field(
         "single", description="single: one class per item; multi: a set of tags per item (joined by label_separator)")
     label_separator: str = Field("|", min_length=1, description="multi: what separates the tags of a label cell")
-    group_column: str = "emoji_id"
+    group_column: str | None = Field(
+        "emoji_id", description="rows sharing a value always land in the same split; null: each item its own group")
     prepared: Path = Path("data/prepared/manifest.csv")
 
     @model_validator(mode="after")
@@ -51,6 +52,13 @@ class DataParams(Section):
             if others:
                 raise ValueError(f"data.{key} and data.{others[0]} are both {name!r}: each must name its own column")
         return self
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The manifest's own name of each column fusionops reads (item_id, image, text, label, group), for
+        messages and outputs: a person reads their own column names, not the internal ones."""
+        return {"item_id": self.id_column, "image": self.image_column, "text": self.text_column,
+                "label": self.label_column, "group": self.group_column or self.id_column}
 
     @property
     def separator(self) -> str | None:
@@ -183,6 +191,10 @@ class EvaluateParams(Section):
     reliability_diagram: Path = Path("reports/plots/reliability.png")
     breakdown: list[str] = Field(["vendor"], description="raw manifest columns to break the test metrics down by "
                                                           "(one table per column; [] for none)")
+    training_curves: Path = Field(Path("reports/plots/training_curves.png"),
+                                  description="loss and validation macro-F1 per epoch, every variant")
+    scores: Path = Field(Path("reports/scores.json"),
+                         description="the headline figures: few enough for `dvc metrics show` to fit a terminal")
 
 
 class RegistryParams(Section):
@@ -214,6 +226,13 @@ class RegistryParams(Section):
         if not self.model_name.strip() or any(c in self.model_name for c in "/:"):
             raise ValueError(f"registry.model_name {self.model_name!r}: MLflow needs a name without / or :")
         return self
+
+
+def name_from_folder(folder: Path | str) -> str:
+    """A folder's name as a registered model (or experiment) name: lower case letters, digits and dashes."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", Path(folder).name.lower()).strip("-") or "model"
 
 
 class PromoteParams(Section):

@@ -95,7 +95,7 @@ def _accelerator() -> Check:
 
 def _tracking(params: Params) -> Check:
     from fusionops.errors import UserError
-    from fusionops.registry import _client, _sqlite_file, tracking_uri
+    from fusionops.registry import _client, _sqlite_file, artifacts_elsewhere, tracking_uri
 
     store = _sqlite_file(tracking_uri(params))
     if store is not None and not store.is_file():  # looking must not create it
@@ -104,6 +104,10 @@ def _tracking(params: Params) -> Check:
         _, uri = _client(params)
     except UserError as err:
         return Check("mlflow", False, str(err).split(":")[0], "start the tracking server or fix MLFLOW_TRACKING_URI")
+    elsewhere = artifacts_elsewhere(params)
+    if elsewhere:  # a copied project: its runs would go into the original's folder
+        problem, _, fix = elsewhere.partition(". Give it ")
+        return Check("mlflow", False, problem, f"give it {fix}")
     where = "answers" if uri.startswith("http") else "(a local store)"
     return Check("mlflow", True, f"tracking store {uri} {where}")
 
@@ -111,7 +115,8 @@ def _tracking(params: Params) -> Check:
 def _offline() -> Check:
     ok = os.environ.get("HF_HUB_OFFLINE") == "1"
     return Check("offline", ok, f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '(unset)')}",
-                 "" if ok else "export HF_HUB_OFFLINE=1 (or run through make): a hub lookup retries for ~47 s offline",
+                 "" if ok else "unset HF_HUB_OFFLINE (fusionops sets it to 1 itself): a hub lookup retries for ~47 s "
+                 "offline",
                  warning=not ok)
 
 

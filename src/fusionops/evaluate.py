@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, f1_score, hamming_loss
 
 from fusionops.atomic import atomic_path, write_json
-from fusionops.calibration import calibration_summary, plot_reliability
+from fusionops.calibration import TEMPERATURE_RANGE, calibration_summary, plot_reliability
 from fusionops.config import EvaluateParams, FeaturesParams, TrainParams
 from fusionops.errors import UserError
 from fusionops.features import FeatureSet
@@ -211,3 +211,25 @@ def _write_details(test: SplitData, probs: np.ndarray, task: LabelTask, params: 
         per_class.to_csv(tmp, index=False)
     title = "test: true tag (row) -> tags given, row-normalised" if task.multi else "test confusion (row-normalised)"
     plot_confusion(true, pred, task.labels, params.confusion_matrix, title=f"{title}, n={len(test.item_ids)}")
+
+
+def small_data_warnings(metrics: dict) -> list[str]:
+    """What metrics.json shows that a person should not miss, each with what to do: results that on little data look
+    fine and are not (the fused head below a single modality, a temperature fit that ended on its bound)."""
+    said = []
+    test, singles = metrics["test"], metrics.get("ablation", {})
+    if singles:
+        best, single = max(singles.items(), key=lambda kv: kv[1]["accuracy"])
+        gap = test["accuracy"] - single["accuracy"]
+        if gap < 0:
+            said.append(f"the fused model scores below {best.replace('_', ' ')} ({test['accuracy']:.4f} against "
+                        f"{single['accuracy']:.4f} test accuracy, {gap:+.4f} on {test['items']} items): it gains "
+                        "nothing from the other modality on this data; add data, or judge it by the ablation")
+    calibration = metrics.get("calibration", {})
+    temperature = calibration.get("temperature")
+    if temperature is not None and any(abs(temperature - bound) < 1e-3 for bound in TEMPERATURE_RANGE):
+        items = metrics.get("val", {}).get("items", "the")
+        said.append(f"the temperature fit ended on its bound {temperature:g} (ECE {calibration['ece_before']:.3f} -> "
+                    f"{calibration['ece_after']:.3f}): {items} validation items are too few or too easy to calibrate "
+                    "on, so confidences are not calibrated; add data (or raise split.val) before relying on them")
+    return said

@@ -95,7 +95,7 @@ def check_batch(batch: Batch, params: Params, dataset: pd.DataFrame) -> Report:
     rows = to_canonical(batch.rows, params.data, source=batch.manifest)
     report = validate(rows, batch.folder, mode="batch", known_labels=known_labels(dataset, params.data.separator),
                       known_ids=set(dataset["item_id"].astype(str)), max_pixels=params.validate_.max_image_pixels,
-                      separator=params.data.separator)
+                      separator=params.data.separator, columns=params.data.columns)
     if rows.empty:
         report.problems.append(Problem(None, "manifest", "the batch has no rows", "add rows or remove the batch"))
     return report

@@ -27,11 +27,10 @@ from pathlib import Path
 from fusionops.atomic import write_json, write_text
 from fusionops.config import PlatformParams
 from fusionops.errors import UserError
+from fusionops.offline import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
-OFFLINE = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 DB_USER = "fusionops"
 
 
@@ -469,7 +468,7 @@ def _postgres_down(platform: Platform) -> bool:
 
 
 def _service_env(platform: Platform, **extra: str) -> dict[str, str]:
-    return {**os.environ, **OFFLINE, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    return {**os.environ, **OFFLINE_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
 def _prefect_env(platform: Platform) -> dict[str, str]:

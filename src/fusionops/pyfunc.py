@@ -20,6 +20,7 @@ class FusionModel(PythonModel):
 
         config = context.model_config or {}
         self.predictor = Predictor(context.artifacts["model"], quantize=bool(config.get("quantize", False)))
+        self.aliases = dict(config.get("columns") or {})  # the training manifest's names: {"file": "image", ...}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Each row: `text`, and the image as `image` (a file path) or `image_bytes` (the file's bytes, or base64
@@ -30,10 +31,14 @@ class FusionModel(PythonModel):
 
         from fusionops.errors import UserError
 
+        aliases = {theirs: ours for theirs, ours in getattr(self, "aliases", {}).items()
+                   if theirs in model_input.columns and ours not in model_input.columns}
+        model_input = model_input.rename(columns=aliases)
         if not COLUMNS & set(model_input.columns):
+            accepted = ", ".join(sorted(COLUMNS | set(getattr(self, "aliases", {}))))
             raise MlflowException.invalid_parameter_value(
-                f"the request has none of the columns {', '.join(sorted(COLUMNS))} (columns the model's signature "
-                "does not name are dropped): send each row as {\"image\" or \"image_bytes\", \"text\"}")
+                f"the request has none of the columns {accepted} (columns the model's signature does not name are "
+                "dropped): send each row as {\"image\" or \"image_bytes\", \"text\"}")
         images, texts, not_base64 = [], [], []
         for i, row in enumerate(model_input.to_dict("records")):
             data, path, text = row.get("image_bytes"), row.get("image"), row.get("text")

@@ -8,6 +8,7 @@ in other threads.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fusionops.config import PACKAGED_TEXT, Params
+from fusionops.config import PACKAGED_TEXT, Params, name_from_folder
 from fusionops.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,69 @@ def _client(params: Params):
     return client, uri
 
 
+# What the experiment is, for MLflow's UI. (3.17's UI decides its GenAI or model-training view by the URL's
+# workflowType, else the last one chosen, GenAI at first: the links fusionops prints carry it, see ui_url.)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_url(server: str, experiment_id: str | None) -> str:
+    """The experiment's runs in MLflow's UI at `server` (its model-training view, not the GenAI one)."""
+    where = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{server.rstrip('/')}/#/{where}?workflowType=machine_learning"
+
+
+def _local(uri: str) -> bool:
+    """A store whose artifacts this project keeps (registry.artifacts_dir), not a server that decides where they go."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 def _experiment_id(client, params: Params, uri: str) -> str:
     experiment = client.get_experiment_by_name(params.registry.experiment)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:  # an experiment made before the tag was set
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    # A local store keeps its artifacts beside the project; a server decides where its (proxied) artifacts go.
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = Path(params.registry.artifacts_dir).resolve().as_uri() if local else None
+    location = Path(params.registry.artifacts_dir).resolve().as_uri() if _local(uri) else None
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(params.registry.experiment, artifact_location=location)
+        return client.create_experiment(params.registry.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException as err:  # another process created it first (two registrations at once)
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(params.registry.experiment).experiment_id
+
+
+def _artifacts_elsewhere(experiment, params: Params, uri: str) -> str | None:
+    """What is wrong when a local store's experiment keeps its artifacts outside registry.artifacts_dir: the project
+    was copied (cp -r) or moved with its store, whose experiment still names the original folder (MLflow records it
+    as an absolute path). Runs and models would go into that other folder. None when all is well."""
+    from urllib.parse import unquote, urlparse
+
+    location = experiment.artifact_location or ""
+    if not _local(uri) or not location.startswith("file:"):
+        return None
+    where, ours = Path(unquote(urlparse(location).path)), Path(params.registry.artifacts_dir).resolve()
+    if where == ours:
+        return None
+    own = f"{params.registry.experiment}-{name_from_folder(ours.parent)}"
+    return (f"experiment {experiment.name!r} of the MLflow store {uri} keeps its artifacts in {where}, not in this "
+            f"project's {ours} (registry.artifacts_dir): the project was copied or moved with its store, and its runs "
+            f"and models would be written into {where}. Give it an experiment of its own: registry.experiment: {own} "
+            f"in params.yaml (its artifacts then go to {ours}), or move mlflow.db and {ours.name} aside to start a "
+            "fresh store")
+
+
+def artifacts_elsewhere(params: Params) -> str | None:
+    """`_artifacts_elsewhere` for params' experiment, when the store exists (looking never creates one)."""
+    uri = tracking_uri(params)
+    store = _sqlite_file(uri)
+    if not _local(uri) or (store is not None and not store.is_file()):
+        return None
+    client, uri = _client(params)
+    experiment = client.get_experiment_by_name(params.registry.experiment)
+    return _artifacts_elsewhere(experiment, params, uri) if experiment is not None else None
 
 
 def pip_requirements(image_backbone: str = "tf_efficientnet_lite0", text_model: str = "package") -> list[str]:
@@ -119,7 +168,14 @@ def pip_requirements(image_backbone: str = "tf_efficientnet_lite0", text_model: 
     return reqs
 
 
-def _signature():
+def served_columns(params: Params) -> dict[str, str]:
+    """The manifest's own names of the image and text columns that the served model accepts as well as image and
+    text ({their name: image or text}), when they differ (model_config of the logged model)."""
+    names = {params.data.image_column: "image", params.data.text_column: "text"}
+    return {theirs: ours for theirs, ours in names.items() if theirs not in ("image", "image_bytes", "text")}
+
+
+def _signature(aliases: dict[str, str] | None = None):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Map
@@ -127,9 +183,11 @@ def _signature():
     return ModelSignature(
         # The image comes as a path or as the file's bytes: one of the two per row. image_bytes is a string column
         # (base64 text in JSON requests, decoded by the model; bytes in Python): a null in it is a row without an
-        # image, which MLflow's binary type would refuse.
+        # image, which MLflow's binary type would refuse. The manifest's own names of image and text (`aliases`)
+        # are accepted too: columns the signature does not name are dropped before the model sees them.
         inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "image_bytes", required=False),
-                       ColSpec("string", "text", required=False)]),
+                       ColSpec("string", "text", required=False),
+                       *(ColSpec("string", name, required=False) for name in aliases or {})]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
                         ColSpec(Map(DataType.double), "probabilities"), ColSpec("string", "modalities")]),
         params=ParamSchema([ParamSpec("progress", "boolean", False)]),
@@ -184,9 +242,50 @@ def _already_registered(client, name: str, model_sha256: str) -> str | None:
     return str(min(int(v.version) for v in found)) if found else None
 
 
+def _is_count(key: str) -> bool:
+    """How many items a figure was measured on, or bins: a setting of the measurement (a param), not a score."""
+    return key.endswith((".items", ".bins"))
+
+
+def _history_metrics(history: dict[str, list[dict]] | None, now: int) -> list:
+    """Each variant's training curves as MLflow metrics at step = epoch (`fusion/val_macro_f1`, ...): the run's page
+    draws them as curves, one section per variant."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"{variant}/{column}", float(value), now, int(row["epoch"]))
+            for variant, rows in (history or {}).items() for row in rows
+            for column, value in row.items() if column != "epoch" and value == value]  # NaN: nothing to draw
+
+
+def scores_line(metrics: dict, label_column: str) -> str:
+    """The figures a version is judged by, in a line (its description, the flow's summary)."""
+    test, ablation = metrics["test"], metrics.get("ablation", {})
+    single = ", ".join(f"{k.replace('_', ' ')} {v['accuracy']:.4f}" for k, v in ablation.items())
+    return (f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} ({test['items']} test items, "
+            f"label column {label_column!r})" + (f"; {single}" if single else ""))
+
+
+def _describe(client, name: str, version: str, **parts: str | None) -> None:
+    """The version's description, one paragraph per part: `scores` (set at registration), `warnings`, and `gate`
+    (the gate's last decision on it); a part not given keeps what the description has."""
+    kept = {}
+    for paragraph in (client.get_model_version(name, version).description or "").split("\n\n"):
+        key, _, text = paragraph.partition(": ")
+        kept[key if key in ("gate", "warnings") else "scores"] = text if key in ("gate", "warnings") else paragraph
+    kept |= {key: text for key, text in parts.items() if text is not None}
+    order = [("scores", ""), ("warnings", "warnings: "), ("gate", "gate: ")]
+    text = "\n\n".join(f"{prefix}{kept[key]}" for key, prefix in order if kept.get(key))
+    client.update_model_version(name, version, description=text)
+
+
 def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[Path], tags: dict[str, str],
-             input_example=None) -> dict:
+             input_example=None, history: dict[str, list[dict]] | None = None,
+             warnings: list[str] | None = None) -> dict:
     """Log one run (params, metrics, artifacts, lineage tags) with the model as a pyfunc, and register it.
+
+    Counts (`*.items`, `*.bins`) are logged as params, the other figures as metrics; `history` (per variant, one
+    dict per epoch) as metrics at step = epoch. The version's description says its test scores, `warnings` and,
+    later, the gate's decision.
 
     The version gets alias `challenger`, and `champion` too when the model has no champion yet. Weights already
     registered (a re-run that reproduced the same model) are not registered again: their version becomes the
@@ -207,23 +306,31 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
     tuned = Path(model_dir) / TEXT_ENCODER_DIR / TUNED_WEIGHTS
     if tuned.is_file():  # the tuned text encoder is part of the model: `fusionops reproduce` checks it too
         tags["text_encoder_sha256"] = sha256_file(tuned)
+    experiment = client.get_experiment_by_name(params.registry.experiment)
+    elsewhere = _artifacts_elsewhere(experiment, params, uri) if experiment is not None else None
+    if elsewhere:  # before anything, even an alias: this store is another project's
+        raise UserError(f"{elsewhere}; nothing was registered")
     existing = _already_registered(client, name, tags["model_sha256"])
     if existing is not None:
         _set_alias(client, name, CHALLENGER, existing)
         log.debug("%s version %s already holds these weights: not registered again", name, existing)
-        return {"name": name, "version": existing, "run_id": client.get_model_version(name, existing).run_id,
-                "aliases": [CHALLENGER], "new": False, "tracking_uri": uri}
+        run_id = client.get_model_version(name, existing).run_id
+        return {"name": name, "version": existing, "run_id": run_id, "aliases": [CHALLENGER], "new": False,
+                "tracking_uri": uri, "experiment_id": client.get_run(run_id).info.experiment_id if run_id else None}
 
     experiment_id = _experiment_id(client, params, uri)
     run = client.create_run(experiment_id, tags={"mlflow.runName": f"train-{tags.get('params_hash', '')}", **tags})
     run_id = run.info.run_id
     try:
         flat = _flatten(params.model_dump(mode="json", by_alias=True))
+        figures = {k: v for k, v in _flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        counts = {k: v for k, v in figures.items() if _is_count(k)}
         now = int(time.time() * 1000)
         client.log_batch(
             run_id,
-            params=[Param(k, str(v)[:500]) for k, v in flat.items()],
-            metrics=[Metric(k, float(v), now, 0) for k, v in _flatten(metrics).items() if isinstance(v, int | float)],
+            params=[Param(k, str(v)[:500]) for k, v in {**flat, **counts}.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if k not in counts]
+            + _history_metrics(history, now),
         )
         for path in map(Path, artifacts):
             if path.is_dir():
@@ -237,8 +344,8 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
                 artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=pip_requirements(params.features.image.backbone, params.features.text.model),
-                signature=_signature(),
-                model_config={"quantize": params.registry.quantize},
+                signature=_signature(served_columns(params)),
+                model_config={"quantize": params.registry.quantize, "columns": served_columns(params)},
                 # MLflow predicts on the example while logging: a model that cannot load fails here, not later.
                 input_example=input_example,
             )
@@ -258,6 +365,10 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
             _set_alias(client, name, CHAMPION, number)
             _record(client, name, number, {"promotion.decision": "promoted"})
             aliases.append(CHAMPION)
+        if "test" in metrics:
+            _describe(client, name, number, scores=scores_line(metrics, params.data.label_column),
+                      warnings="; ".join(warnings or []) or None,
+                      gate=FIRST_CHAMPION if CHAMPION in aliases else None)
         client.set_terminated(run_id, status="FINISHED")
     except Exception:
         # No half-registered model: a version without its alias would be invisible to promote; remove it.
@@ -269,7 +380,7 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
         raise
     log.debug("registered %s version %s (%s)", name, number, ", ".join(aliases))
     return {"name": name, "version": number, "run_id": run_id, "aliases": aliases, "new": True,
-            "tracking_uri": uri}
+            "tracking_uri": uri, "experiment_id": experiment_id}
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -399,13 +510,61 @@ def _versions_of(client, name: str) -> str:
     return f" ({name} has versions {', '.join(map(str, versions))}{'; ' + named if named else ''})"
 
 
+def check_compatible(params: Params, root: Path, labels: list[str] | None = None) -> None:
+    """Refuse, before anything is trained or created, a model that the versions under registry.model_name cannot be
+    compared with: the champion's or challenger's label column or mode is not params.yaml's, or (`labels`: the new
+    model's) their labels share none with the new model's. Nothing to check when the store does not exist yet."""
+    store = _sqlite_file(tracking_uri(params))
+    if store is not None and not store.is_file():
+        return
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(params)
+    name, data = params.registry.model_name, params.data
+    own = f"registry.model_name: {name_from_folder(Path(root).resolve())}"
+    if own == f"registry.model_name: {name}":
+        own = f"registry.model_name: {name}-{name_from_folder(data.label_column)}"
+    for alias in (CHAMPION, CHALLENGER):
+        number = current_alias_version(client, name, alias)
+        if number is None:
+            continue
+        tags = client.get_model_version(name, number).tags
+        theirs = (tags.get("label_column", data.label_column), tags.get("label_mode", "single"))
+        held = f"registry.model_name {name!r} holds version {number} (@{alias})"
+        fix = (f"give this model its own name in params.yaml, {own} (or pick the column and mode of {name}); "
+               "nothing was registered")
+        if theirs != (data.label_column, data.label_mode):
+            raise DataError(f"{held}, trained on label column {theirs[0]!r} ({theirs[1]}-label), but params.yaml "
+                            f"trains on {data.label_column!r} ({data.label_mode}-label): {fix}")
+        if labels is None:
+            continue
+        try:
+            where = client.get_model_version_download_uri(name, number).rstrip("/")
+            config = json.loads(Path(_download(f"{where}/artifacts/model/config.json", uri)).read_text())
+        except (MlflowException, OSError, ValueError):
+            continue  # not a model this code registered: the label column check above is all there is
+        if not set(config.get("labels", [])) & set(labels):
+            shown = ", ".join(config.get("labels", [])[:5]) + (", ..." if len(config.get("labels", [])) > 5 else "")
+            raise DataError(f"{held}, whose labels ({shown}) share none with this model's ({', '.join(labels[:5])}"
+                            f"{', ...' if len(labels) > 5 else ''}): it is another model; {fix}")
+
+
+def _download(artifact_uri: str, uri: str) -> str:
+    """One artifact into a temporary folder: its local path."""
+    import tempfile
+
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tempfile.mkdtemp(),
+                                               tracking_uri=uri)
+
+
 def register_trained_model(params: Params, root: Path) -> dict:
     """Register what the stages left in the project folder: the fused model, its reports and its lineage."""
-    import json
-
     import pandas as pd
 
     from fusionops.data.manifest import read_manifest
+    from fusionops.evaluate import small_data_warnings
     from fusionops.lineage import data_version, git_commit, uncommitted_code
     from fusionops.train import model_dir
     from fusionops.versioning import stale_stages
@@ -420,6 +579,7 @@ def register_trained_model(params: Params, root: Path) -> dict:
                         f"({'; '.join(stale)[:500]}): run `dvc repro`, then register")
     metrics = json.loads(Path(params.evaluate.metrics).read_text())
     config = json.loads((folder / "config.json").read_text())
+    check_compatible(params, root, labels=config["labels"])  # before anything is created in the registry
     commit, dirty = git_commit(root)
     reports = Path(params.evaluate.metrics).parent  # what a run logs; not when that is the project folder itself
     code = uncommitted_code(root, [reports] if reports.resolve() != Path(root).resolve() else [])
@@ -440,7 +600,9 @@ def register_trained_model(params: Params, root: Path) -> dict:
     }
     artifacts = [params.validate_.report, params.evaluate.metrics, params.evaluate.per_class,
                  params.evaluate.predictions, params.evaluate.confusion_matrix, params.evaluate.reliability_diagram,
-                 params.train.history, root / "params.yaml", root / "dvc.lock"]
+                 params.evaluate.training_curves, params.evaluate.scores, params.train.history, root / "params.yaml",
+                 root / "dvc.lock"]
+    history = {f.stem: pd.read_csv(f).to_dict("records") for f in sorted(Path(params.train.history).glob("*.csv"))}
     if Path(params.train.timing).is_file():  # training seconds and latency: logged as metrics timing.*
         metrics = {**metrics, "timing": json.loads(Path(params.train.timing).read_text())}
         artifacts.append(params.train.timing)
@@ -452,7 +614,7 @@ def register_trained_model(params: Params, root: Path) -> dict:
         "text": example["text"].tolist(),
     })
     return register(params, model_dir=folder, metrics=metrics, artifacts=artifacts, tags=tags,
-                    input_example=input_example)
+                    input_example=input_example, history=history, warnings=small_data_warnings(metrics))
 
 
 def _test_items(params: Params):
@@ -467,9 +629,9 @@ def _test_items(params: Params):
     test = prepared[prepared["split"] == "test"]
     if test.empty:
         raise UserError(f"{params.data.prepared} has no test items: the gate needs a test split to compare models")
-    from fusionops.validation import check_images
+    from fusionops.validation import check_images, in_their_names
 
-    problems = check_images(test, params.data.images_root, empty=True)
+    problems = in_their_names(check_images(test, params.data.images_root, empty=True), params.data.columns)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems[:20])
         raise DataError(f"the gate cannot score the test items ({len(problems)} unusable; aliases unchanged):\n{lines}")
@@ -505,12 +667,13 @@ def _same_labels(client, name: str, versions: dict[str, str], params: Params) ->
                 "aliases unchanged (move them with MLflow if you mean to switch)")
 
 
-def promote(params: Params) -> dict:
+def promote(params: Params, *, dry_run: bool = False) -> dict:
     """Move `champion` to the challenger only if the gate finds it significantly better on the frozen test items.
 
-    The decision and its numbers go on the challenger version as tags and into a markdown report (written to
-    promote.report and logged with the challenger's run). Aliases move last: if anything fails before, every alias
-    stays where it was.
+    The decision and its numbers go on the challenger version as tags, into its description and into a markdown
+    report (written to promote.report and logged with the challenger's run). Aliases move last: if anything fails
+    before, every alias stays where it was. `dry_run`: the gate runs and says what it would do; nothing is written
+    (no alias, tag, description or report).
     """
     import time
 
@@ -524,6 +687,7 @@ def promote(params: Params) -> dict:
         raise UserError(f"{name} has no version with alias {CHALLENGER!r}: register a model first")
     champion = current_alias_version(client, name, CHAMPION)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    would = "would be " if dry_run else ""
     if champion == challenger:
         tags = client.get_model_version(name, champion).tags
         how = tags.get(CHAMPION_BY) or (  # a champion from before the tag existed
@@ -535,12 +699,15 @@ def promote(params: Params) -> dict:
         return {"name": name, "decision": "blocked", "champion": champion, "challenger": challenger,
                 "reason": f"version {challenger} was rolled back ({blocked}): it is never promoted again"}
     if champion is None:
-        _record(client, name, challenger, {"promotion.reason": "there was no champion", "promotion.time": now,
-                                           "champion_since": now, CHAMPION_BY: "promoted when there was no champion"})
-        _set_alias(client, name, CHAMPION, challenger)
-        _record(client, name, challenger, {"promotion.decision": "promoted"})
-        return {"name": name, "decision": "promoted", "champion": challenger, "challenger": challenger,
-                "reason": "there was no champion"}
+        if not dry_run:
+            _record(client, name, challenger, {"promotion.reason": "there was no champion", "promotion.time": now,
+                                               "champion_since": now,
+                                               CHAMPION_BY: "promoted when there was no champion"})
+            _set_alias(client, name, CHAMPION, challenger)
+            _record(client, name, challenger, {"promotion.decision": "promoted"})
+            _describe(client, name, challenger, gate="promoted: there was no champion")
+        return {"name": name, "decision": f"{would}promoted", "champion": None if dry_run else challenger,
+                "challenger": challenger, "reason": "there was no champion"}
 
     _same_labels(client, name, {"champion": champion, "challenger": challenger}, params)
     y, frame = _test_items(params)
@@ -550,12 +717,16 @@ def promote(params: Params) -> dict:
         predictions[role] = model.predict(frame)["label"].to_numpy()  # each model's own predictions
     result = compare(y, predictions["champion"], predictions["challenger"], params.promote,
                      separator=params.data.separator)
+    decision = "promoted" if result.promote else "rejected"
+    outcome = {"name": name, "decision": f"{would}{decision}", "challenger": challenger, "reason": result.reason,
+               "gate": result.to_dict(), "champion": challenger if result.promote and not dry_run else champion}
+    if dry_run:
+        return outcome
     report = markdown(result, name=name, champion=champion, challenger=challenger)
     write_text(params.promote.report, report)
     run_id = client.get_model_version(name, challenger).run_id
     if run_id:
         client.log_text(run_id, report, "promotion/promotion.md")
-    decision = "promoted" if result.promote else "rejected"
     _record(client, name, challenger, {
         "promotion.reason": result.reason[:500], "promotion.time": now,
         "promotion.compared_to": champion, "promotion.test": params.promote.test, "promotion.items": result.items,
@@ -570,14 +741,17 @@ def promote(params: Params) -> dict:
         _set_alias(client, name, CHAMPION, challenger)
     # The decision is recorded once it holds: a failed alias move never leaves a version tagged "promoted".
     _record(client, name, challenger, {"promotion.decision": decision})
+    _describe(client, name, challenger, gate=f"{decision} against version {champion}: {result.reason}")
     log.debug("%s version %s %s: %s", name, challenger, decision, result.reason)
-    return {"name": name, "decision": decision, "champion": challenger if result.promote else champion,
-            "challenger": challenger, "reason": result.reason, "gate": result.to_dict()}
+    return outcome
 
 
-def rollback(params: Params) -> dict:
-    """Move `champion` back to the version that held it before the current one (recorded at promotion)."""
+def rollback(params: Params, *, to: str | None = None) -> dict:
+    """Move `champion` back to the version that held it before the current one (recorded at promotion), or to
+    version `to`. The version rolled back from is blocked: the gate never promotes it again."""
     import time
+
+    from mlflow.exceptions import MlflowException
 
     from fusionops.atomic import write_text
 
@@ -586,9 +760,22 @@ def rollback(params: Params) -> dict:
     champion = current_alias_version(client, name, CHAMPION)
     if champion is None:
         raise UserError(f"{name} has no champion to roll back")
-    previous = client.get_model_version(name, champion).tags.get("previous_champion")
-    if not previous:
-        raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to")
+    if to is None:
+        previous = client.get_model_version(name, champion).tags.get("previous_champion")
+        if not previous:
+            raise UserError(f"{name} version {champion} has no previous champion recorded: nothing to roll back to "
+                            f"(`fusionops rollback --to N` names the version){_versions_of(client, name)}")
+    else:
+        previous = str(to)
+        try:
+            target = client.get_model_version(name, previous)
+        except MlflowException:
+            raise UserError(f"--to {previous}: {name} has no version {previous}{_versions_of(client, name)}") from None
+        if previous == champion:
+            raise UserError(f"--to {previous}: version {previous} is the champion already: nothing to roll back")
+        _same_labels(client, name, {"the --to": previous}, params)
+        if target.tags.get(BLOCKED):  # chosen by a person: the block of an earlier rollback is lifted
+            client.delete_model_version_tag(name, previous, BLOCKED)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _set_alias(client, name, CHAMPION, previous)
     # Recorded once champion has moved (a failed move leaves no version tagged as rolled back), and before anything
@@ -600,7 +787,9 @@ def rollback(params: Params) -> dict:
                                      CHAMPION_BY: f"restored by a rollback from version {champion}"})
     # The rolled-back version must not come back by the next gate run: the restored champion is the challenger too.
     _set_alias(client, name, CHALLENGER, previous)
-    reason = f"champion moved back from version {champion} to version {previous}"
+    reason = (f"champion moved back from version {champion} to version {previous}" if to is None
+              else f"champion moved from version {champion} to version {previous} (--to {previous})")
+    _describe(client, name, champion, gate=f"rolled back to version {previous}")
     write_text(params.promote.report, f"# Rollback: {name}\n\n{reason} at {now}.\n")
     log.debug("%s: %s", name, reason)
     return {"name": name, "decision": "rolled back", "champion": previous, "previous": champion, "reason": reason}

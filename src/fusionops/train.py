@@ -228,10 +228,8 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
         state = {k: saved[k] for k in state}
         log.info("%s: resuming from the checkpoint after epoch %d", name, state["epoch"])
     history = json.loads(state["history"])
-    val_text = TextColumn("loss {task.fields[loss]:.3f}  val macro-F1 {task.fields[f1]:.3f}")
-    with progress_bar(val_text, unit=None) as bar:
-        epochs_bar = bar.add_task(f"train {name}", total=params.max_epochs, completed=state["epoch"], loss=float("nan"),
-                            f1=float("nan"))
+    with progress_bar(TextColumn("{task.fields[status]}"), unit=None) as bar:
+        epochs_bar = bar.add_task(f"train {name}", total=params.max_epochs, completed=state["epoch"], status="")
         for epoch in range(state["epoch"] + 1, params.max_epochs + 1):
             if state["finished"]:
                 break
@@ -255,12 +253,16 @@ def fit(train: SplitData, val: SplitData, task: LabelTask, params: TrainParams, 
                 scheduler.step(f1)
             else:
                 scheduler.step()
-            bar.update(epochs_bar, advance=1, loss=loss, f1=f1)
+            bar.update(epochs_bar, advance=1, status=f"loss {loss:.3f}  val macro-F1 {f1:.3f}")
             if f1 > state["best"]["val_macro_f1"]:
                 state["best"] = {"epoch": epoch, "val_macro_f1": f1, "val_accuracy": acc}
                 state["best_state"] = copy.deepcopy(model.state_dict())
             state["epoch"] = epoch
             state["finished"] = epoch - state["best"]["epoch"] >= params.patience or epoch == params.max_epochs
+            if state["finished"] and epoch < params.max_epochs:
+                bar.update(epochs_bar, status=f"stopped early: best val macro-F1 {state['best']['val_macro_f1']:.3f} "
+                                              f"at epoch {state['best']['epoch']}, no better in {params.patience} "
+                                              "epochs (train.patience)")
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, {
                     **state, "history": json.dumps(history), "model": model.state_dict(),

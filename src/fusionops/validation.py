@@ -255,16 +255,37 @@ def check_images(df: pd.DataFrame, images_root: Path, *, max_pixels: int = 50_00
     return problems
 
 
+def in_their_names(problems: list[Problem], columns: dict[str, str] | None) -> list[Problem]:
+    """The problems with each column named as the manifest names it (`columns`: DataParams.columns)."""
+    if columns:
+        for p in problems:
+            p.column = ", ".join(columns.get(c, c) for c in p.column.split(", "))
+    return problems
+
+
 def validate(df: pd.DataFrame, images_root: Path, *, mode: Mode = "dataset", min_train_items_per_label: int = 1,
              known_labels: set[str] | None = None, known_ids: set[str] | None = None, max_pixels: int = 50_000_000,
-             split=None, separator: str | None = None) -> Report:
+             split=None, separator: str | None = None, columns: dict[str, str] | None = None) -> Report:
     """Run every check of `mode` on a canonical manifest and return one report with all problems found.
 
     In dataset mode a manifest without a `split` column is split as `prepare` would (`split`: SplitParams), after
     the row checks: every row is checked, including rows whose label prepare would drop as too rare.
     `separator`: multi-label mode (data.separator): label cells are tag lists, counted and checked per tag.
     Batch mode: `known_labels` (required) and `known_ids` (when given) are the current dataset's.
+    `columns` (DataParams.columns): the problems name the manifest's own columns.
     """
+    report = _validate(df, images_root, mode=mode, min_train_items_per_label=min_train_items_per_label,
+                       known_labels=known_labels, known_ids=known_ids, max_pixels=max_pixels, split=split,
+                       separator=separator)
+    in_their_names(report.problems, columns)
+    for expectation in report.expectations if columns else []:
+        expectation["column"] = columns.get(expectation["column"], expectation["column"])
+    return report
+
+
+def _validate(df: pd.DataFrame, images_root: Path, *, mode: Mode, min_train_items_per_label: int,
+              known_labels: set[str] | None, known_ids: set[str] | None, max_pixels: int, split,
+              separator: str | None) -> Report:
     required = ROW_COLUMNS + (("split",) if mode == "dataset" and split is None else ())
     expectations, problems = run_expectations(df, required)
     report = Report(rows=len(df), mode=mode, expectations=expectations, problems=problems)

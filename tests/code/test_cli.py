@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from fusionops.config import DataParams
 from helpers import free_port
 
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
@@ -130,8 +131,9 @@ def test_validate_a_manifest_lists_every_bad_row_once(zoo, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("  row ")]
+    named = DataParams().columns  # each column as the manifest names it: the label column is `category`
     for item_id, column in bad.items():
-        assert any(f"row {item_id!r}, column {column}:" in line and " -> " in line for line in lines), item_id
+        assert any(f"row {item_id!r}, column {named[column]}:" in line and " -> " in line for line in lines), item_id
     assert not any(item_id in result.stderr for item_id in odd)
     import json
 
@@ -162,7 +164,8 @@ def test_validate_batch_mode(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    (b"item_id,image,text\n1,a.png,x\n", "missing column(s) category, emoji_id"),
+    (b"item_id,image,text\n1,a.png,x\n",
+     "data.label_column 'category' is not a column; data.group_column 'emoji_id' is not"),
     (b"item_id,emoji_id,image,text,category\n1,1,a.png,caf\xe9,c\n", "not valid UTF-8 (line 2"),
 ])
 def test_unusable_manifest_is_one_clear_line(tmp_path, content, needle):
@@ -228,3 +231,48 @@ def test_a_missing_images_root_is_one_error_not_one_per_row(project):
         assert result.stderr.strip() == (f"error: images root {project / 'nope'} is not a folder: the manifest's "
                                          "image paths are relative to it (--images-root, or data.images_root in "
                                          "params.yaml)")
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_shows_an_example_and_no_type_on_a_flag():
+    import typer
+    from typer.testing import CliRunner
+
+    from fusionops.cli import app
+
+    runner = CliRunner()
+    for path in [(), *_commands(typer.main.get_command(app))]:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0 and "Example: " in result.output, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        assert " ".join(("fusionops", *path)) in result.output.split("Example: ", 1)[1], (path, result.output)
+
+
+@pytest.mark.parametrize("flow", ["training_pipeline", "retrain", "deploy"])
+def test_the_flows_help_looks_like_the_cli(flow):
+    result = subprocess.run([sys.executable, str(ROOT / "flows" / f"{flow}.py"), "--help"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0 and "--project-dir" in result.stdout and "Example: " in result.stdout
+    assert "╭─ Options" in result.stdout and "<bool>" not in result.stdout  # typer's panels, as `fusionops --help`
+
+
+def test_a_flow_started_without_the_offline_environment_sets_it_itself():
+    """`python flows/...` from a plain shell: no telemetry (Prefect reads its setting when imported), no hub."""
+    from fusionops.offline import OFFLINE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    code = ("import sys, os; sys.path.insert(0, 'flows'); import training_pipeline; "
+            "from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.analytics_enabled, os.environ['HF_HUB_OFFLINE'], "
+            "os.environ['MLFLOW_DISABLE_TELEMETRY'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ["False", "1", "true"], result.stderr

@@ -50,5 +50,5 @@ def test_rare_labels_are_dropped_and_named(demo_manifest, caplog):
 def test_missing_column_is_named(demo_manifest):
     from fusionops.errors import DataError
 
-    with pytest.raises(DataError, match="missing column.*emoji_id"):
+    with pytest.raises(DataError, match="data.group_column 'emoji_id' is not a column .*set data.group_column: null"):
         prepare_manifest(demo_manifest.drop(columns=["emoji_id"]), DataParams(), SplitParams())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +65,38 @@ def to_canonical(df: pd.DataFrame, data: DataParams, *, source: Path | str = "ma
     mapping = {data.id_column: "item_id", data.image_column: "image", data.text_column: "text"}
     if labelled:
         mapping[data.label_column] = "label"
-    needed = list(mapping) + ([data.group_column] if labelled and data.group_column else [])
-    missing = [col for col in needed if col not in df.columns]
+    keys = {"id_column": data.id_column, "image_column": data.image_column, "text_column": data.text_column}
+    if labelled:
+        keys |= {"label_column": data.label_column} | ({"group_column": data.group_column} if data.group_column else {})
+    missing = {key: col for key, col in keys.items() if col not in df.columns}
     if missing:
-        raise DataError(
-            f"{source}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
-            "fix the file or the data.*_column names in params.yaml"
-        )
+        init = f"fusionops init --manifest {_typed(source)} --images-root {_typed(data.images_root)}"
+        raise DataError(f"{source}: {missing_columns(missing, list(map(str, df.columns)), init)}")
     out = df[list(mapping)].rename(columns=mapping)
     if labelled:
         out["group"] = df[data.group_column] if data.group_column else out["item_id"]
     return out.reset_index(drop=True)
+
+
+def _typed(path: Path | str) -> str:
+    """A path as a person would type it from here."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def missing_columns(missing: dict[str, str], found: list[str], init: str) -> str:
+    """What to say about the data.*_column keys naming columns the manifest does not have ({key: name}): each key,
+    the column nearest its name, and for the group column that it can be null; `init`: the command that proposes
+    them all. When most keys miss, params.yaml is still another dataset's: say that instead."""
+    if len(missing) >= 3:
+        return (f"params.yaml's data.*_column keys ({', '.join(missing.values())}) are not columns of this manifest "
+                f"({', '.join(found)}): they are another dataset's. `{init}` proposes them from your manifest and "
+                "writes them into params.yaml")
+    said = []
+    for key, name in missing.items():
+        close = difflib.get_close_matches(name, found, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else ""
+        if key == "group_column":
+            hint = (f"{hint} or " if hint else "") + "set data.group_column: null if items need no grouping"
+        said.append(f"data.{key} {name!r} is not a column" + (f" ({hint})" if hint else ""))
+    return f"{'; '.join(said)}. The manifest's columns: {', '.join(found)}. Fix params.yaml (`{init}` proposes them)"

@@ -63,12 +63,12 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     Returns the prepared frame and the problems of the rows that were dropped. With on_bad_rows 'fail', any bad
     row stops the stage before anything is written.
     """
-    from fusionops.validation import Problem, validate
+    from fusionops.validation import Problem, in_their_names, validate
 
     raw = read_manifest(data.manifest)
     df = with_other_columns(to_canonical(raw, data, source=data.manifest), raw, data)
     report = validate(df, data.images_root, mode="rows", max_pixels=checks.max_image_pixels,
-                      separator=data.separator)
+                      separator=data.separator, columns=data.columns)
     if report.table_problems or (report.problems and checks.on_bad_rows == "fail"):
         hint = "" if report.table_problems else "\n(or set validate.on_bad_rows: skip to drop bad rows and go on)"
         every = (f"`fusionops validate --manifest {data.manifest} --images-root {data.images_root} --report "
@@ -83,11 +83,12 @@ def prepare(data: DataParams, split: SplitParams, checks: ValidateParams) -> tup
     # (Multi-label: the rows whose every tag is too rare; the others only lose their rare tags.)
     rare = rare_labels(df, split, data.separator)
     kept = set(without_rare(df, rare, data.separator)["item_id"])
-    rejected += [Problem(str(i), "label", f"{', '.join(f'label {t!r} has {rare[t]} group(s)' for t in tags)}, fewer "
-                         f"than split.min_groups_per_label={split.min_groups_per_label}: not trained on",
-                         "add items of this label (other groups), or lower split.min_groups_per_label")
-                 for i, label in zip(df["item_id"], df["label"], strict=True) if i not in kept
-                 for tags in [[t for t in split_tags(label, data.separator) if t in rare.index]]]
+    rejected += in_their_names([
+        Problem(str(i), "label", f"{', '.join(f'label {t!r} has {rare[t]} group(s)' for t in tags)}, fewer than "
+                f"split.min_groups_per_label={split.min_groups_per_label}: not trained on",
+                "add items of this label (other groups), or lower split.min_groups_per_label")
+        for i, label in zip(df["item_id"], df["label"], strict=True) if i not in kept
+        for tags in [[t for t in split_tags(label, data.separator) if t in rare.index]]], data.columns)
     if not kept:
         why = ("it has no rows" if report.rows == 0 else
                f"none of its {report.rows} rows is left ({len(report.bad_rows)} bad, the others of labels with fewer "
