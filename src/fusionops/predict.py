@@ -125,7 +125,7 @@ class Predictor:
         with progress_bar(unit="items", disable=not progress) as bar:
             task = bar.add_task("predict", total=len(sources))
             try:
-                vectors = encode_images(self.image_encoder, sources, batch_size=self.batch_size,
+                vectors = encode_images(self.image_encoder, sources, batch_size=min(self.batch_size, len(sources)) or 1,
                                         num_workers=self.num_workers, device=self.device, dtype=self.dtype,
                                         on_batch=lambda n: bar.advance(task, n))
             except Exception:
@@ -135,7 +135,7 @@ class Predictor:
         rows = [i for i, ok in enumerate(has_text) if ok]
         if rows:
             text[rows] = torch.from_numpy(self.text_encoder.encode(
-                [texts[i] for i in rows], batch_size=self.batch_size, device=self.device,
+                [texts[i] for i in rows], batch_size=min(self.batch_size, len(rows)), device=self.device,
                 autocast_dtype=self.text_dtype))
         return image, text
 

@@ -181,7 +181,8 @@ def test_cache_info_and_prune_keep_only_the_current_key_spaces(slice_dir, params
 
 
 def test_worker_processes_give_the_same_vectors(slice_dir, params, tmp_path):
-    """DataLoader workers (a separate, single-threaded `fusionops features`) change nothing but the speed."""
+    """DataLoader workers (a separate, single-threaded `fusionops features`) change nothing but the speed: with the
+    same settings on the same machine, the same bytes."""
     import subprocess
     import sys
     from pathlib import Path
@@ -193,11 +194,37 @@ def test_worker_processes_give_the_same_vectors(slice_dir, params, tmp_path):
     df.assign(split="train").to_csv(tmp_path / "prepared.csv", index=False)
     settings = {"data": {"prepared": str(tmp_path / "prepared.csv"), "images_root": str(slice_dir)},
                 "features": {"out_dir": str(tmp_path / "workers-out"), "cache_dir": str(tmp_path / "workers-cache"),
-                             "num_workers": 2, "batch_size": 8, "precision": "fp32"}}
+                             "num_workers": 2, "batch_size": params.batch_size, "shard_size": 512,
+                             "precision": "fp32"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     fusionops = str(Path(sys.executable).with_name("fusionops"))
     result = subprocess.run([fusionops, "features"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     theirs, ours = load_features(tmp_path / "workers-out"), load_features(params.out_dir)
-    np.testing.assert_allclose(theirs.image, ours.image, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(theirs.image, ours.image)  # other shards (512 there, 16 here): same batches
     np.testing.assert_array_equal(theirs.text, ours.text)
+
+
+def test_what_was_cached_before_changes_no_vector(slice_dir, params, tmp_path):
+    """Every forward pass has a shape fixed by the settings (images: batch_size; texts: their own length), so the
+    vectors of a run that found part of the data cached are the bytes of a cold run's."""
+    df = read_manifest(slice_dir / "manifest.csv").iloc[:40]
+    extract_features(df, slice_dir, params)
+    cold = load_features(params.out_dir)
+    warm = params.model_copy(update={"cache_dir": tmp_path / "warm", "out_dir": tmp_path / "warm-out"})
+    extract_features(df.iloc[7:18], slice_dir, warm)  # 11 items first: other batches, other texts beside them
+    assert extract_features(df, slice_dir, warm)["image"]["computed"] == 40 - 11
+    np.testing.assert_array_equal(load_features(warm.out_dir).image, cold.image)
+    np.testing.assert_array_equal(load_features(warm.out_dir).text, cold.text)
+
+
+def test_a_text_vector_does_not_depend_on_the_texts_beside_it(text_encoder):
+    texts = ["red apple", "a green apple on a wooden table, seen from above", "police car", "x",
+             "grinning face with big eyes", "flag: France"]
+    alone = np.stack([text_encoder.encode([t], batch_size=4)[0] for t in texts])
+    np.testing.assert_array_equal(text_encoder.encode(texts, batch_size=4), alone)
+    others = text_encoder.encode(["something else entirely", *texts[::-1], "and one more"], batch_size=4)
+    np.testing.assert_array_equal(others[1:-1][::-1], alone)
+    # Another batch size is another shape: equal up to float rounding only (what the design gives across shapes
+    # and CPU kinds; measured here: at most a few 1e-8).
+    np.testing.assert_allclose(text_encoder.encode(texts, batch_size=16), alone, rtol=0, atol=1e-6)

@@ -33,9 +33,18 @@ def settings(root, name: str, **kw) -> FeaturesParams:
 
 @pytest.fixture(scope="module")
 def local(items, tmp_path_factory):
+    """The local executor's vectors, computed with the torch threads of a worker of a 2-worker cluster: the same
+    shapes and the same thread count give the same bytes (another thread count may round differently)."""
+    import torch
+
     folder, df = items
     root = tmp_path_factory.mktemp("local")
-    stats = extract_features(df, folder, settings(root, "local"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as local_cluster(2) gives each worker
+    try:
+        stats = extract_features(df, folder, settings(root, "local"))
+    finally:
+        torch.set_num_threads(threads)
     return load_features(root / "out-local"), stats
 
 

@@ -26,6 +26,10 @@ from fusionops.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+# Texts per forward pass in the features stage: a constant, so that no setting that only changes the speed
+# (features.batch_size) changes a text vector's float rounding (TextEncoder.encode).
+TEXT_BATCH = 32
+
 
 class _Images(torch.utils.data.Dataset):
     """Decode in DataLoader workers (when there are any), so it overlaps with the forward pass; the loader's collate
@@ -72,7 +76,11 @@ def loader_workers(requested: int | str) -> int:
 def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *, batch_size: int,
                        num_workers: int, device: torch.device, dtype: torch.dtype | None,
                        shard_size: int | None = None) -> Iterator[np.ndarray]:
-    """Yield float32 vectors batch by batch, in the order of `sources` (one DataLoader, its workers kept busy)."""
+    """Yield float32 vectors batch by batch, in the order of `sources` (one DataLoader, its workers kept busy).
+
+    Every forward pass has `batch_size` images (a shorter last batch is filled with black ones): an image's vector
+    depends on its pixels and the batch size, not on how many others were missing from the cache with it (the
+    convolution kernels oneDNN picks, and so the float rounding, follow the input's shape)."""
     model = encoder.model_for(dtype).to(device).to(memory_format=torch.channels_last).eval()
     workers = num_workers  # resolved by the caller (loader_workers) before any progress-bar thread starts
     log.debug("encoding %d images, %d decoding worker process(es)", len(sources), workers)
@@ -83,10 +91,13 @@ def iter_image_vectors(encoder: ImageEncoder, sources: Sequence[Path | bytes], *
     )
     with torch.inference_mode():
         for batch in loader:
+            n = len(batch)
+            if n < batch_size:
+                batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
             batch = encoder.normalize(batch.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(batch)
-            yield out.float().cpu().numpy()
+            yield out[:n].float().cpu().numpy()
 
 
 def encode_images(encoder: ImageEncoder, sources: Sequence[Path | bytes], *,
@@ -198,7 +209,7 @@ def extract_features(df: pd.DataFrame, images_root: Path, params: FeaturesParams
     cache = VectorCache(params.cache_dir, key_space(text_encoder.id, precision), dim=text_encoder.dim)
     text, computed = _through_cache(
         cache, keys, lambda todo: (
-            text_encoder.encode([by_key[k] for k in todo[s:s + params.shard_size]], batch_size=params.batch_size,
+            text_encoder.encode([by_key[k] for k in todo[s:s + params.shard_size]], batch_size=TEXT_BATCH,
                                 device=device, autocast_dtype=dtype)
             for s in range(0, len(todo), params.shard_size)),
         shard_size=params.shard_size, description="text vectors", unit="texts")
