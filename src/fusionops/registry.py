@@ -195,9 +195,12 @@ def _signature(aliases: dict[str, str] | None = None):
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested keys joined by dots, in the characters MLflow allows in a name (a breakdown's values are data)."""
+    import re
+
     out = {}
     for key, value in d.items():
-        name = f"{prefix}{key}"
+        name = prefix + re.sub(r"[^\w\-. /]", "_", str(key))
         if isinstance(value, dict):
             out.update(_flatten(value, f"{name}."))
         else:
@@ -338,6 +341,10 @@ def register(params: Params, *, model_dir: Path, metrics: dict, artifacts: list[
             elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path="reports")
         with mlflow.start_run(run_id=run_id):
+            for column, table in metrics.get("breakdown", {}).items():  # evaluate.breakdown: one table per column
+                mlflow.log_table({column: list(table), **{k: [row[k] for row in table.values()]
+                                                          for k in next(iter(table.values()), {})}},
+                                 artifact_file=f"breakdown/{column}.json")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(_PYFUNC_CODE),

@@ -117,6 +117,11 @@ def test_first_version_is_champion_with_lineage(first_run, project):
     assert run.data.params["data.label_column"] == "category"
     logged = {a.path for a in c.list_artifacts(registered["run_id"], "reports")}
     assert {"reports/metrics.json", "reports/validation.json", "reports/dvc.lock"} <= logged
+    # evaluate.breakdown: the test scores per vendor, as metrics and as a table
+    by_vendor = first_run["metrics"]["breakdown"]["vendor"]
+    assert set(by_vendor) == {"google", "twitter"}
+    assert run.data.metrics["breakdown.vendor.google.accuracy"] == by_vendor["google"]["accuracy"]
+    assert "breakdown/vendor.json" in {a.path for a in c.list_artifacts(registered["run_id"], "breakdown")}
 
 
 def test_flow_publishes_a_markdown_report(first_run):
