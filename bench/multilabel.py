@@ -57,8 +57,8 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             settings = tags.train.model_copy(update={"seed": seed})
-            train(prepared, features, settings, separator=tags.data.separator)
-            metrics = evaluate(prepared, features, settings, tags.evaluate)
+            train(prepared, features, settings, separator=tags.data.separator, features_params=tags.features)
+            metrics = evaluate(prepared, features, settings, tags.evaluate, features_params=tags.features)
             config = json.loads((model_dir(settings.out_dir) / "config.json").read_text())
             runs.append({**metrics, "thresholds": dict(zip(config["labels"], config["thresholds"], strict=True))})
 

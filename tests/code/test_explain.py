@@ -20,7 +20,7 @@ from fusionops.labels import LabelTask
 from fusionops.models import HEADS, save_model
 from fusionops.train import fit, split_data, training_labels
 
-FAST = TrainParams(max_epochs=4, patience=4, seed=0, device="cpu")
+FAST = TrainParams(text_encoder="frozen", max_epochs=4, patience=4, seed=0, device="cpu")
 FUSIONOPS = str(Path(sys.executable).with_name("fusionops"))
 
 

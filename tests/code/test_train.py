@@ -10,7 +10,7 @@ from fusionops.labels import LabelTask
 from fusionops.models import HEADS, create_head, load_model, save_model
 from fusionops.train import VARIANTS, fit, predict_logits, split_data, train, training_labels
 
-FAST = TrainParams(max_epochs=40, patience=8, seed=0, device="cpu")
+FAST = TrainParams(text_encoder="frozen", max_epochs=40, patience=8, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
