@@ -264,8 +264,10 @@ def scores_line(metrics: dict, label_column: str) -> str:
     """The figures a version is judged by, in a line (its description, the flow's summary)."""
     test, ablation = metrics["test"], metrics.get("ablation", {})
     single = ", ".join(f"{k.replace('_', ' ')} {v['accuracy']:.4f}" for k, v in ablation.items())
-    return (f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} ({test['items']} test items, "
-            f"label column {label_column!r})" + (f"; {single}" if single else ""))
+    f1 = f", macro-F1 {test['macro_f1']:.4f}" if "macro_f1" in test else ""
+    items = f"{test['items']} test items, " if "items" in test else ""
+    return (f"test accuracy {test['accuracy']:.4f}{f1} ({items}label column {label_column!r})"
+            + (f"; {single}" if single else ""))
 
 
 def _describe(client, name: str, version: str, **parts: str | None) -> None:

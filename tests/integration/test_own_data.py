@@ -132,7 +132,7 @@ def test_init_proposes_the_columns_and_edits_only_their_lines(initialised):
     after = (project / "params.yaml").read_text()
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     # id, image, text, label and group column, model name (manifest and images_root were data/raw's already)
-    assert len(before.splitlines()) == len(after.splitlines()) and len(changed) == 6, changed
+    assert len(before.splitlines()) == len(after.splitlines()) and len(changed) == 7, changed
     for old, new in changed:  # each changed line keeps its comment, at its column
         assert old.split("#", 1)[1:] == new.split("#", 1)[1:] and old.find("#") == new.find("#")
     params = yaml.safe_load(after)
